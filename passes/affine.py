@@ -1,0 +1,53 @@
+"""BatchNormalization reduced to a per-channel affine map, computed once in float64.
+
+Inference-mode BN is ``Y = (X - mean) / sqrt(var + epsilon) * scale + B`` per channel ``c`` (axis 1), i.e.
+``Y = X * s + t`` with ``s = scale / sqrt(var + epsilon)`` and ``t = B - mean * s``. Every fold rule consumes
+this one :class:`Affine`; none recomputes BN math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Affine:
+    """Per-channel ``Y = X * scale + shift`` (float64 arrays of shape ``[C]``)."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+    @property
+    def channels(self) -> int:
+        return int(self.scale.shape[0])
+
+    @classmethod
+    def from_batch_norm(
+        cls,
+        gamma: np.ndarray,
+        beta: np.ndarray,
+        mean: np.ndarray,
+        var: np.ndarray,
+        epsilon: float,
+    ) -> Affine:
+        """Build the affine from BN parameters of any float dtype; the math runs in float64.
+
+        Preconditions (checked by the caller): all four arrays are 1-D with the same length.
+        ``epsilon`` is used as stored (a float32 attribute widened exactly to float64).
+        """
+        gamma64, beta64, mean64, var64 = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = gamma64 / np.sqrt(var64 + np.float64(epsilon))
+        shift = beta64 - mean64 * scale
+        return cls(scale=scale, shift=shift)
+
+    def is_finite(self) -> bool:
+        return bool(np.all(np.isfinite(self.scale)) and np.all(np.isfinite(self.shift)))
+
+    def scale_range(self) -> tuple[float, float] | tuple[None, None]:
+        """(min, max) of the per-channel scale, for the report; ``(None, None)`` when there are no channels."""
+        if self.scale.size == 0:
+            return (None, None)
+        return (float(np.min(self.scale)), float(np.max(self.scale)))

@@ -1,0 +1,90 @@
+"""What a fold rule returns, and the checked cast every planned tensor goes through.
+
+A rule inspects its producer node and answers either :class:`~bnfold.passes.reasons.Skip` or a
+:class:`FoldPlan`: the producer inputs to replace, with their new values computed in float64. The driver
+casts every planned tensor once (:func:`cast_checked`) before it changes anything, so an overflow in one
+tensor leaves the whole graph untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+from bnfold.passes.affine import Affine
+from bnfold.passes.constants import ConstantResolver
+from bnfold.passes.reasons import Skip, SkipReason
+
+FOLDABLE_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorUpdate:
+    """Replace input ``input_index`` of ``node`` with ``values`` (float64), stored as ``dtype``."""
+
+    node: ir.Node
+    input_index: int
+    values: np.ndarray
+    dtype: ir.DataType
+    name_hint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldPlan:
+    updates: tuple[TensorUpdate, ...]
+
+
+class FoldRule(Protocol):
+    """One producer op folded with a BN that follows it. Implementations live one per file."""
+
+    name: str
+    op_type: str
+
+    def plan(self, producer: ir.Node, affine: Affine, constants: ConstantResolver) -> FoldPlan:
+        """Return the producer inputs to rewrite, or raise ``Skip`` with the reason it cannot fold."""
+        ...
+
+
+def weight_dtype(value: ir.Value, array: np.ndarray) -> ir.DataType:
+    """The ONNX dtype of a constant weight; raise ``Skip(UNSUPPORTED_DTYPE)`` unless it is a float type."""
+    dtype = ir.DataType.from_numpy(array.dtype)
+    if dtype not in FOLDABLE_DTYPES:
+        raise Skip(SkipReason.UNSUPPORTED_DTYPE, f"weight {value.name!r} is {dtype.name}")
+    return dtype
+
+
+def cast_checked(values: np.ndarray, dtype: ir.DataType, what: str) -> np.ndarray:
+    """Cast float64 ``values`` to ``dtype`` once; ``Skip`` if any is non-finite or beyond the dtype's range."""
+    if not np.all(np.isfinite(values)):
+        raise Skip(SkipReason.FOLDED_WEIGHTS_NOT_FINITE, f"folded {what} would contain NaN or Inf")
+    target = dtype.numpy()
+    limit = float(ml_dtypes.finfo(target).max)
+    largest = float(np.max(np.abs(values))) if values.size else 0.0
+    if largest > limit:
+        raise Skip(
+            SkipReason.FOLDED_WEIGHTS_OVERFLOW,
+            f"folded {what} reaches {largest:.6g}, beyond the {dtype.name} maximum {limit:.6g}",
+        )
+    return values.astype(target)
+
+
+def channel_count_matches(affine: Affine, channels: int, producer: ir.Node) -> None:
+    """``Skip(PARAM_SHAPE_MISMATCH)`` unless the BN has one parameter per producer output channel."""
+    if affine.channels != channels:
+        raise Skip(
+            SkipReason.PARAM_SHAPE_MISMATCH,
+            f"BN has {affine.channels} channels, {producer.op_type} {producer.name!r} outputs {channels}",
+        )
+
+
+def constant_input(producer: ir.Node, index: int, constants: ConstantResolver, reason: SkipReason) -> np.ndarray | None:
+    """The constant at ``producer.inputs[index]``; ``None`` when the input is absent; ``Skip`` when dynamic."""
+    if index >= len(producer.inputs) or producer.inputs[index] is None:
+        return None
+    array = constants.array(producer.inputs[index])
+    if array is None:
+        raise Skip(reason, f"input {index} ({producer.inputs[index].name!r}) of {producer.op_type} is not constant")
+    return array
