@@ -24,9 +24,8 @@ from bnfold.passes.conv import ConvRule
 from bnfold.passes.conv_transpose import ConvTransposeRule
 from bnfold.passes.graph_edit import NameAllocator, TensorWriter, bypass_batch_norm
 from bnfold.passes.reasons import Skip, SkipReason
+from bnfold.passes.records import BatchNormRecord, FoldReport, FoldStatus
 from bnfold.passes.rule import FoldRule, cast_checked
-
-from bnfold.report import BatchNormRecord, FoldReport, FoldStatus
 
 DEFAULT_RULES: tuple[FoldRule, ...] = (ConvRule(), ConvTransposeRule())
 
@@ -126,8 +125,9 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         try:
             check_inference_mode(node, opset)
             affine = batch_norm_affine(node, constants)
-            producer = self._foldable_producer(node)
+            producer = _producer_of(node)
             record = dataclasses.replace(record, producer=producer.op_type, producer_node=producer.name)
+            self._check_foldable(node, producer)
             rule = self.enabled_rules[producer.op_type]
             record = dataclasses.replace(record, rule=rule.name)
             if not affine.is_finite():
@@ -146,11 +146,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         detail = f"folded into {producer.op_type} {producer.name!r}"
         return _with_scale(dataclasses.replace(record, status=FoldStatus.FOLDED, detail=detail), affine)
 
-    def _foldable_producer(self, node: ir.Node) -> ir.Node:
-        x = node.inputs[0] if node.inputs else None
-        producer = x.producer() if x is not None else None
-        if producer is None:
-            raise Skip(SkipReason.NO_PRODUCER, "the BN input is a graph input or a constant")
+    def _check_foldable(self, node: ir.Node, producer: ir.Node) -> None:
+        x = node.inputs[0]
         if producer.domain not in ("", "ai.onnx") or producer.op_type not in self.all_rules:
             raise Skip(SkipReason.UNSUPPORTED_PRODUCER, f"no rule folds into {producer.op_type}")
         if producer.op_type not in self.enabled_rules:
@@ -161,7 +158,14 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         readers = {use.node for use in x.uses()}
         if readers != {node} or len(x.uses()) != 1:
             raise Skip(SkipReason.PRODUCER_OUTPUT_SHARED, f"{x.name!r} is also read by other nodes")
-        return producer
+
+
+def _producer_of(node: ir.Node) -> ir.Node:
+    x = node.inputs[0] if node.inputs else None
+    producer = x.producer() if x is not None else None
+    if producer is None:
+        raise Skip(SkipReason.NO_PRODUCER, "the BN input is a graph input or a constant")
+    return producer
 
 
 def _with_scale(record: BatchNormRecord, affine: Affine | None) -> BatchNormRecord:
