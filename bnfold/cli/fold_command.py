@@ -77,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = io.load_model(args.model)
     size_before = io.files_size_bytes(args.model, model)
+    # Decided before folding: the fold replaces external weights by in-memory ones.
+    external_data = io.has_external_data(model) or None
     folded, report = api.fold(model, only=args.only, skip=args.skip)
     verification = None
-    with io.stage_model(folded, output) as staged:
+    with io.stage_model(folded, output, external_data=external_data) as staged:
         if not args.no_verify and verify_options is not None:
             probes = {record.output: record.node for record in report.folded}
             verification = verify_options.verify_from_args(args, args.model, staged.path, probes=probes)

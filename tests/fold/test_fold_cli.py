@@ -1,0 +1,117 @@
+"""The ``bnfold [fold] MODEL`` command: outputs, flags, JSON, external data, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+from fold_builders import ConvBN, assert_equivalent, op_types
+
+from bnfold.cli import main
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "net.onnx"
+    onnx.save(ConvBN().build(), path)
+    return path
+
+
+def test_writes_stem_folded_onnx_beside_the_input(model_path, capsys):
+    before = model_path.read_bytes()
+    assert main([str(model_path), "--no-verify"]) == 0
+    output = model_path.with_name("net.folded.onnx")
+    assert op_types(onnx.load(output)) == ["Conv"]
+    assert model_path.read_bytes() == before
+    printed = capsys.readouterr().out
+    assert "BatchNormalization folded" in printed and "1 / 1" in printed
+
+
+def test_fold_subcommand_and_output_option(model_path, tmp_path):
+    output = tmp_path / "out" / "x.onnx"
+    output.parent.mkdir()
+    assert main(["fold", str(model_path), "-o", str(output), "--no-verify", "-q"]) == 0
+    assert_equivalent(onnx.load(model_path), onnx.load(output))
+    assert sorted(p.name for p in output.parent.iterdir()) == ["x.onnx"]  # no temporary leftovers
+
+
+def test_output_equal_to_input_is_a_usage_error(model_path, capsys):
+    before = model_path.read_bytes()
+    assert main([str(model_path), "-o", str(model_path), "--no-verify"]) == 2
+    assert "--in-place" in capsys.readouterr().err
+    assert model_path.read_bytes() == before
+
+
+def test_in_place_replaces_the_input(model_path):
+    original = onnx.load(model_path)
+    assert main([str(model_path), "--in-place", "--no-verify", "-q"]) == 0
+    assert op_types(onnx.load(model_path)) == ["Conv"]
+    assert_equivalent(original, onnx.load(model_path))
+    assert sorted(p.name for p in model_path.parent.iterdir()) == ["net.onnx"]
+
+
+def test_json_report_to_stdout(model_path, capsys):
+    assert main([str(model_path), "--no-verify", "--json", "-"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["fold"]["batch_norm_total"] == 1
+    assert document["fold"]["batch_norm_folded"] == 1
+    assert document["fold"]["records"][0]["status"] == "folded"
+    assert document["fold"]["records"][0]["rule"] == "conv"
+    assert document["size_before"] > 0 and document["size_after"] > 0
+
+
+def test_json_report_to_file_lists_skip_reasons(tmp_path):
+    path = tmp_path / "train.onnx"
+    onnx.save(ConvBN(opset=15, bn_attributes={"training_mode": 1}).build(), path)
+    report = tmp_path / "report.json"
+    assert main([str(path), "--no-verify", "-q", "--json", str(report)]) == 0
+    document = json.loads(report.read_text())
+    assert document["fold"]["skipped_by_reason"] == {"TRAINING_MODE": 1}
+    assert document["fold"]["records"][0]["reason"] == "TRAINING_MODE"
+
+
+def test_external_data_input_is_written_with_external_data(tmp_path):
+    source_dir = tmp_path / "src"
+    source_dir.mkdir()
+    source = source_dir / "big.onnx"
+    model = ConvBN(in_channels=16, out_channels=16).build()
+    onnx.save(model, source, save_as_external_data=True, location="big.weights", size_threshold=64)
+    output = tmp_path / "big.folded.onnx"
+    assert main([str(source), "-o", str(output), "--no-verify", "-q"]) == 0
+    assert (tmp_path / "big.folded.onnx.data").is_file()
+    folded = onnx.load(output)  # loads its external data from beside the output
+    assert op_types(folded) == ["Conv"]
+    assert_equivalent(model, folded)
+
+
+def test_list_rules(capsys):
+    assert main(["--list-rules"]) == 0
+    rules = capsys.readouterr().out.split()
+    assert "conv" in rules and "conv_transpose" in rules
+
+
+@pytest.mark.parametrize(
+    ("arguments", "code"),
+    [
+        (["missing.onnx", "--no-verify"], 3),
+        (["--only", "nope", "{model}", "--no-verify"], 2),
+        (["{model}", "--in-place", "-o", "x.onnx", "--no-verify"], 2),
+        (["fold", "--no-such-flag"], 2),
+    ],
+)
+def test_exit_codes(arguments, code, model_path, capsys):
+    arguments = [a.replace("{model}", str(model_path)) for a in arguments]
+    assert main(arguments) == code
+    err = capsys.readouterr().err
+    assert err.startswith("bnfold: error:") and err.count("\n") == 1
+
+
+def test_python_dash_m_entry_point(model_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bnfold", str(model_path), "--no-verify", "-q"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert model_path.with_name("net.folded.onnx").is_file()
