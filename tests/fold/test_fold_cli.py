@@ -77,8 +77,9 @@ def test_external_data_input_is_written_with_external_data(tmp_path):
     source_dir = tmp_path / "src"
     source_dir.mkdir()
     source = source_dir / "big.onnx"
-    model = ConvBN(in_channels=16, out_channels=16).build()
-    onnx.save(model, source, save_as_external_data=True, location="big.weights", size_threshold=64)
+    spec = ConvBN(in_channels=16, out_channels=16)
+    model = spec.build()
+    onnx.save(spec.build(), source, save_as_external_data=True, location="big.weights", size_threshold=64)
     output = tmp_path / "big.folded.onnx"
     assert main([str(source), "-o", str(output), "--no-verify", "-q"]) == 0
     assert (tmp_path / "big.folded.onnx.data").is_file()
