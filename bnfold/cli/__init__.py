@@ -86,7 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:
         parser.print_help(sys.stderr)
         return ExitCode.USAGE
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, usage errors: argparse already printed
+        return int(stop.code or 0)
     try:
         return int(args.run(args))
     except BnfoldError as error:
