@@ -1,0 +1,365 @@
+"""The verification report: measurements (:class:`ProviderRun`) apart from verdicts (:class:`ProviderVerdict`).
+
+A report is immutable. :meth:`VerifyReport.judge` re-judges the stored measurements under another
+:class:`~bnfold.validate.tolerances.ToleranceTable` without running anything, exactly (see
+:mod:`bnfold.validate.metrics` for why the stored error frontier suffices). ``to_dict``/``from_dict`` round-trip.
+
+Verdicts: a provider that did not really run is SKIPPED (never PASSED); the report is FAILED when anything
+failed, PASSED when every requested provider passed, SKIPPED otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from bnfold.validate.metrics import TensorMetrics, encode_float
+from bnfold.validate.tolerances import Tolerance, ToleranceTable
+
+
+class Verdict(str, enum.Enum):
+    PASSED = "passed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class Judgement:
+    """The verdict on one tensor under one tolerance, with the smallest tolerances that would pass.
+
+    ``required_atol`` is the smallest atol passing at ``tolerance.rtol``; ``required_rtol`` the smallest rtol
+    passing at ``tolerance.atol`` (both ``None`` when no values could be compared).
+    """
+
+    name: str
+    tolerance: Tolerance
+    verdict: Verdict
+    reasons: tuple[str, ...]
+    required_atol: float | None
+    required_rtol: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "tolerance": self.tolerance.to_dict(),
+            "verdict": self.verdict.value,
+            "reasons": list(self.reasons),
+            "required_atol": encode_float(self.required_atol),
+            "required_rtol": encode_float(self.required_rtol),
+        }
+
+
+def judge_tensor(metrics: TensorMetrics, tolerance: Tolerance) -> Judgement:
+    """Judge one tensor: presence, dtype, shapes, NaN/Inf placement, then ``|c - r| <= atol + rtol·|r|``."""
+    reasons: list[str] = []
+    errors = metrics.errors
+    if metrics.missing:
+        reasons.append("the candidate does not produce this tensor")
+    else:
+        if metrics.candidate_dtype != metrics.reference_dtype:
+            reasons.append(f"dtype {metrics.candidate_dtype} differs from the reference's {metrics.reference_dtype}")
+        for iteration in metrics.shape_mismatches:
+            reasons.append(
+                f"shape {list(metrics.candidate_shapes[iteration])} differs from the reference's "
+                f"{list(metrics.reference_shapes[iteration])} (iteration {iteration})"
+            )
+        for count, what in (
+            (metrics.new_nan, "new NaN"),
+            (metrics.lost_nan, "reference NaN missing"),
+            (metrics.new_inf, "new or sign-flipped Inf"),
+            (metrics.lost_inf, "reference Inf missing"),
+            (metrics.unequal, "differing string element(s)"),
+        ):
+            if count:
+                reasons.append(f"{count} {what} in the candidate")
+        if errors is not None and not errors.within(tolerance):
+            reasons.append(
+                f"max abs error {errors.max_abs:.3g} (max rel {errors.max_rel:.3g}) exceeds "
+                f"atol={tolerance.atol:g} + rtol={tolerance.rtol:g}·|ref|; would pass with "
+                f"atol={errors.required_atol(tolerance.rtol):.3g} or rtol={errors.required_rtol(tolerance.atol):.3g}"
+            )
+    return Judgement(
+        name=metrics.name,
+        tolerance=tolerance,
+        verdict=Verdict.FAILED if reasons else Verdict.PASSED,
+        reasons=tuple(reasons),
+        required_atol=None if errors is None else errors.required_atol(tolerance.rtol),
+        required_rtol=None if errors is None else errors.required_rtol(tolerance.atol),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeMetrics:
+    """An intermediate tensor present in both models (e.g. a folded BN's output) and its measurements.
+
+    ``label`` names what the tensor stands for (the BN node); ``order`` is the index of the node producing it
+    in the original graph, so sorting by it is topological.
+    """
+
+    label: str
+    order: int
+    metrics: TensorMetrics
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "order": self.order, "metrics": self.metrics.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProbeMetrics:
+        return cls(label=data["label"], order=int(data["order"]), metrics=TensorMetrics.from_dict(data["metrics"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderRun:
+    """What was measured for the candidate on one provider (no verdict).
+
+    Attributes:
+        requested: the provider's short name as asked (``cpu``, ``cuda``).
+        provider: the onnxruntime provider name.
+        executed_providers: ``session.get_providers()`` of the candidate's session (empty when skipped).
+        cuda_tf32: whether TF32 was allowed (CUDA only, else ``None``).
+        skipped_reason: why the provider did not run (then nothing was measured).
+        run_error: onnxruntime's error when the candidate failed to load or run.
+        outputs: one entry per output of the original model, in graph order.
+        noise_floor: the original model on this provider vs on the CPU (non-CPU providers only).
+        probes: intermediate tensors measured to attribute a mismatch (only after a mismatch).
+        probe_note: why some or all probes were not measured.
+        elapsed_s: wall time spent on this provider.
+    """
+
+    requested: str
+    provider: str
+    executed_providers: tuple[str, ...] = ()
+    cuda_tf32: bool | None = None
+    skipped_reason: str | None = None
+    run_error: str | None = None
+    outputs: tuple[TensorMetrics, ...] = ()
+    noise_floor: tuple[TensorMetrics, ...] = ()
+    probes: tuple[ProbeMetrics, ...] = ()
+    probe_note: str | None = None
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "provider": self.provider,
+            "executed_providers": list(self.executed_providers),
+            "cuda_tf32": self.cuda_tf32,
+            "skipped_reason": self.skipped_reason,
+            "run_error": self.run_error,
+            "outputs": [metrics.to_dict() for metrics in self.outputs],
+            "noise_floor": [metrics.to_dict() for metrics in self.noise_floor],
+            "probes": [probe.to_dict() for probe in self.probes],
+            "probe_note": self.probe_note,
+            "elapsed_s": self.elapsed_s,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProviderRun:
+        return cls(
+            requested=data["requested"],
+            provider=data["provider"],
+            executed_providers=tuple(data.get("executed_providers", ())),
+            cuda_tf32=data.get("cuda_tf32"),
+            skipped_reason=data.get("skipped_reason"),
+            run_error=data.get("run_error"),
+            outputs=tuple(TensorMetrics.from_dict(item) for item in data.get("outputs", ())),
+            noise_floor=tuple(TensorMetrics.from_dict(item) for item in data.get("noise_floor", ())),
+            probes=tuple(ProbeMetrics.from_dict(item) for item in data.get("probes", ())),
+            probe_note=data.get("probe_note"),
+            elapsed_s=float(data.get("elapsed_s", 0.0)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderVerdict:
+    """The verdict for one provider: per output, per probe, and the fold held responsible.
+
+    ``divergent`` lists the labels of probes that fail their tolerance, in topological order; the first one
+    is ``responsible`` (errors propagate downstream, so later probes diverge as a consequence).
+    """
+
+    requested: str
+    verdict: Verdict
+    outputs: tuple[Judgement, ...]
+    probes: tuple[Judgement, ...]
+    divergent: tuple[str, ...]
+    responsible: str | None
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "verdict": self.verdict.value,
+            "reasons": list(self.reasons),
+            "outputs": [judgement.to_dict() for judgement in self.outputs],
+            "probes": [judgement.to_dict() for judgement in self.probes],
+            "divergent": list(self.divergent),
+            "responsible": self.responsible,
+        }
+
+
+def judge_run(run: ProviderRun, tolerances: ToleranceTable) -> ProviderVerdict:
+    """Apply ``tolerances`` to the measurements of one provider."""
+    if run.skipped_reason is not None:
+        return ProviderVerdict(run.requested, Verdict.SKIPPED, (), (), (), None, (run.skipped_reason,))
+
+    def judge(metrics: TensorMetrics) -> Judgement:
+        return judge_tensor(metrics, tolerances.for_output(metrics.name, metrics.reference_dtype))
+
+    outputs = tuple(judge(metrics) for metrics in run.outputs)
+    ordered = sorted(run.probes, key=lambda probe: probe.order)
+    probes = tuple(judge(probe.metrics) for probe in ordered)
+    divergent = tuple(
+        probe.label for probe, judgement in zip(ordered, probes, strict=True) if judgement.verdict is Verdict.FAILED
+    )
+    reasons: list[str] = []
+    if run.run_error is not None:
+        reasons.append(f"the candidate failed on {run.provider}: {run.run_error}")
+    failed_outputs = [judgement.name for judgement in outputs if judgement.verdict is Verdict.FAILED]
+    if failed_outputs:
+        reasons.append(f"output(s) {', '.join(failed_outputs)} differ")
+        if divergent:
+            reasons.append(f"first divergent fold: {divergent[0]}")
+        elif run.probes:
+            reasons.append("no probed fold diverges: the difference arises outside the folded tensors")
+    failed = run.run_error is not None or bool(failed_outputs)
+    return ProviderVerdict(
+        requested=run.requested,
+        verdict=Verdict.FAILED if failed else Verdict.PASSED,
+        outputs=outputs,
+        probes=probes,
+        divergent=divergent,
+        responsible=divergent[0] if divergent and failed_outputs else None,
+        reasons=tuple(reasons),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InputRecord:
+    """One fed input: element type, the shape of each iteration, and whether it was generated or loaded."""
+
+    name: str
+    dtype: str
+    shapes: tuple[tuple[int, ...], ...]
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shapes": [list(s) for s in self.shapes],
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InputRecord:
+        return cls(data["name"], data["dtype"], tuple(tuple(s) for s in data["shapes"]), data["source"])
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    """Original vs candidate on every requested provider: inputs, measurements, tolerances and verdicts.
+
+    ``outputs`` names the original's outputs; ``problems`` are interface differences found before running
+    (different inputs or outputs), and any problem fails the report.
+    """
+
+    original: str
+    candidate: str
+    seed: int | None
+    iterations: int
+    inputs: tuple[InputRecord, ...]
+    problems: tuple[str, ...]
+    runs: tuple[ProviderRun, ...]
+    tolerances: ToleranceTable
+    verdicts: tuple[ProviderVerdict, ...]
+    outputs: tuple[str, ...] = ()
+    versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def judged(cls, *, runs: tuple[ProviderRun, ...], tolerances: ToleranceTable, **fields: Any) -> VerifyReport:
+        """Build a report from measurements, judging them under ``tolerances``."""
+        verdicts = tuple(judge_run(run, tolerances) for run in runs)
+        return cls(runs=runs, tolerances=tolerances, verdicts=verdicts, **fields)
+
+    def judge(self, tolerances: ToleranceTable) -> VerifyReport:
+        """The same measurements judged under other tolerances (nothing is run again)."""
+        verdicts = tuple(judge_run(run, tolerances) for run in self.runs)
+        return dataclasses.replace(self, tolerances=tolerances, verdicts=verdicts)
+
+    @property
+    def verdict(self) -> Verdict:
+        if self.problems or any(v.verdict is Verdict.FAILED for v in self.verdicts):
+            return Verdict.FAILED
+        if self.verdicts and all(v.verdict is Verdict.PASSED for v in self.verdicts):
+            return Verdict.PASSED
+        return Verdict.SKIPPED
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict is Verdict.PASSED
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict is Verdict.FAILED
+
+    @property
+    def skipped_providers(self) -> tuple[str, ...]:
+        return tuple(v.requested for v in self.verdicts if v.verdict is Verdict.SKIPPED)
+
+    @property
+    def responsible(self) -> tuple[str, ...]:
+        """The folds held responsible for a mismatch, over all providers, without repeats."""
+        return tuple(dict.fromkeys(v.responsible for v in self.verdicts if v.responsible))
+
+    def results(self) -> Iterator[tuple[ProviderRun, ProviderVerdict]]:
+        """Each provider's measurements with its verdict."""
+        return zip(self.runs, self.verdicts, strict=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict.value,
+            "original": self.original,
+            "candidate": self.candidate,
+            "seed": self.seed,
+            "iterations": self.iterations,
+            "inputs": [record.to_dict() for record in self.inputs],
+            "outputs": list(self.outputs),
+            "problems": list(self.problems),
+            "responsible": list(self.responsible),
+            "tolerances": self.tolerances.to_dict(),
+            "providers": [{"run": run.to_dict(), "verdict": verdict.to_dict()} for run, verdict in self.results()],
+            "versions": dict(self.versions),
+            "elapsed_s": self.elapsed_s,
+        }
+
+    def to_json(self, **dumps_options: Any) -> str:
+        return json.dumps(self.to_dict(), **({"indent": 2} | dumps_options))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VerifyReport:
+        """Rebuild a report saved with :meth:`to_dict`; verdicts are recomputed from the stored measurements."""
+        return cls.judged(
+            original=data["original"],
+            candidate=data["candidate"],
+            seed=data.get("seed"),
+            iterations=int(data["iterations"]),
+            inputs=tuple(InputRecord.from_dict(item) for item in data.get("inputs", ())),
+            problems=tuple(data.get("problems", ())),
+            outputs=tuple(data.get("outputs", ())),
+            runs=tuple(ProviderRun.from_dict(item["run"]) for item in data.get("providers", ())),
+            tolerances=ToleranceTable.from_dict(data["tolerances"]),
+            versions=dict(data.get("versions", {})),
+            elapsed_s=float(data.get("elapsed_s", 0.0)),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> VerifyReport:
+        return cls.from_dict(json.loads(text))
