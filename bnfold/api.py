@@ -16,10 +16,17 @@ from bnfold.report import FoldReport
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
 
-def make_fold_pass(only: Iterable[str] | None = None, skip: Iterable[str] | None = None) -> FoldBatchNormPass:
+def make_fold_pass(
+    only: Iterable[str] | None = None,
+    skip: Iterable[str] | None = None,
+    *,
+    lower_standalone: bool = False,
+) -> FoldBatchNormPass:
     """The fold pass with rules enabled by ``only``/``skip``; unknown rule names raise :class:`UsageError`."""
+    if isinstance(only, str) or isinstance(skip, str):
+        raise UsageError("only/skip take a list of rule names, not a single string")
     try:
-        return FoldBatchNormPass(only=only, skip=skip)
+        return FoldBatchNormPass(only=only, skip=skip, lower_standalone=lower_standalone)
     except ValueError as error:
         raise UsageError(str(error)) from error
 
@@ -29,14 +36,17 @@ def fold(
     *,
     only: Iterable[str] | None = None,
     skip: Iterable[str] | None = None,
+    lower_standalone: bool = False,
 ) -> tuple[ir.Model, FoldReport]:
     """Fold every foldable BatchNormalization; return the folded model and a report on every BN.
 
     ``model`` may be a path (loaded lazily, external data memory-mapped), an ``onnx.ModelProto`` or an
     ``onnx_ir.Model``. An ``onnx_ir.Model`` is folded **in place** and returned; pass ``model.clone()`` to
     keep the original. ``only``/``skip`` take rule names (see ``bnfold.passes.rule_names()``).
+    ``lower_standalone=True`` replaces every BN that no rule folds by one per-channel ``Mul`` + ``Add``
+    (records with rule ``lower_standalone``).
     """
-    fold_pass = make_fold_pass(only, skip)
+    fold_pass = make_fold_pass(only, skip, lower_standalone=lower_standalone)
     result = fold_pass(as_model(model))
     return result.model, result.report
 

@@ -1,4 +1,4 @@
-"""Which values are constant, and their data.
+"""Which values are constant, and their data (plus each value's rank, see :mod:`bnfold.passes.ranks`).
 
 A value is constant when it is
 
@@ -8,6 +8,11 @@ A value is constant when it is
 - the output of ``ConstantOfShape`` whose shape input is constant;
 - the output of ``Identity`` of a constant.
 
+Inside a model-local function body there are no initializers: weights are ``Constant`` nodes, and the
+function's inputs are runtime values (a per-call-site specialisation can turn constant call arguments into
+``Constant`` nodes, see :mod:`bnfold.passes.functions`). A ``Constant`` whose value refers to a function
+attribute is not constant here.
+
 A graph input that is not an initializer is a true runtime input and never constant. In IR >= 4 an
 initializer that is also a graph input is only a default the caller may override, so it is not constant.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from bnfold.passes.ranks import RankResolver
 
 _MAX_IDENTITY_CHAIN = 64
 
@@ -25,6 +31,23 @@ class ConstantResolver:
 
     def __init__(self, model: ir.Model) -> None:
         self.initializer_inputs_are_constant = (model.ir_version or 0) < 4
+        self._ranks = RankResolver(model)
+
+    def rank(self, *values: ir.Value | None) -> int | None:
+        """The rank of the first of ``values`` whose rank is recorded or can be inferred, else ``None``."""
+        for value in values:
+            rank = self._ranks.rank(value)
+            if rank is not None:
+                return rank
+        return None
+
+    def dtype(self, *values: ir.Value | None) -> ir.DataType | None:
+        """The element type of the first of ``values`` whose type is recorded or can be inferred."""
+        for value in values:
+            dtype = self._ranks.dtype(value)
+            if dtype is not None:
+                return dtype
+        return None
 
     def array(self, value: ir.Value | None) -> np.ndarray | None:
         """The value's data, or ``None`` when it is not a compile-time constant."""
@@ -58,6 +81,8 @@ class ConstantResolver:
         if shape is None or shape.ndim != 1 or np.any(shape < 0):
             return None
         fill = node.attributes.get("value")
+        if fill is not None and fill.is_ref():
+            return None
         fill_array = fill.as_tensor().numpy().reshape(-1) if fill is not None else np.zeros(1, np.float32)
         if fill_array.size != 1:
             return None
@@ -66,6 +91,8 @@ class ConstantResolver:
 
 def _constant_node_array(node: ir.Node) -> np.ndarray | None:
     attributes = node.attributes
+    if any(attribute.is_ref() for attribute in attributes.values()):
+        return None  # a function attribute: its value is only known per call site
     if "value" in attributes:
         return attributes["value"].as_tensor().numpy()
     if "value_float" in attributes:

@@ -30,6 +30,11 @@ class ConvTransposeRule:
     name = "conv_transpose"
     op_type = "ConvTranspose"
 
+    def output_rank(self, producer: ir.Node, constants: ConstantResolver) -> int | None:
+        """The output has the weight's rank (``[N, M, spatial...]`` vs ``[M, C/group, k...]``)."""
+        weight = constants.array(producer.inputs[1]) if len(producer.inputs) > 1 else None
+        return None if weight is None else weight.ndim
+
     def plan(self, producer: ir.Node, affine: Affine, constants: ConstantResolver) -> FoldPlan:
         weight = constant_input(producer, 1, constants, SkipReason.WEIGHT_NOT_CONSTANT)
         if weight is None:

@@ -1,11 +1,15 @@
 """Safe graph edits for the fold: fresh names, tensor replacement without mutating shared data, BN removal.
 
-- A planned tensor replaces an initializer *in place* (same name) only when that initializer is read by
-  exactly this one node input and is not a graph output; otherwise a new initializer with a fresh name is
-  created and only this node is rewired, so other readers keep the original tensor.
-- The BN is bypassed by giving its ``Y`` name to the producer's output: downstream nodes, graph outputs and
-  anyone comparing tensors by name see the same names as before.
-- Values the edit leaves without readers (BN parameters, replaced Constant nodes) are removed, nothing else.
+- A planned tensor replaces an initializer (or, in a function body, a ``Constant`` node's value) *in place*,
+  same name, only when that constant is read by exactly this one node input, lives in the same graph and is
+  not a graph output;
+  otherwise a new constant with a fresh name is created and only this node is rewired, so other readers
+  (including nodes of an outer or inner graph) keep the original tensor.
+- New constants are initializers of the graph holding the node; inside a function body (which cannot hold
+  initializers) they are ``Constant`` nodes placed right before their first reader.
+- The BN is bypassed by giving its ``Y`` name to the tensor that now carries its value: downstream nodes,
+  graph outputs and anyone comparing tensors by name see the same names as before.
+- Values the edit leaves without readers (BN parameters, replaced constants) are removed, nothing else.
 """
 
 from __future__ import annotations
@@ -18,38 +22,53 @@ from bnfold.passes.rule import TensorUpdate
 
 
 class NameAllocator:
-    """Hands out value names that collide with no name anywhere in the model (graphs and functions)."""
+    """Hands out value and node names that collide with no name anywhere in the model (graphs and functions)."""
 
     def __init__(self, model: ir.Model) -> None:
         self._taken: set[str] = set()
-        graphs: list[ir.Graph | ir.Function] = [*model.graphs(), *model.functions.values()]
-        for graph in graphs:
+        self._taken_nodes: set[str] = set()
+        for graph in [*model.graphs(), *(g for f in model.functions.values() for g in (f.graph, *f.subgraphs()))]:
             self._taken.update(value.name for value in graph.inputs if value.name)
             self._taken.update(value.name for value in graph.outputs if value.name)
-            if isinstance(graph, ir.Graph):
-                self._taken.update(graph.initializers)
+            self._taken.update(graph.initializers)
             for node in graph:
+                if node.name:
+                    self._taken_nodes.add(node.name)
                 self._taken.update(value.name for value in node.outputs if value.name)
                 self._taken.update(value.name for value in node.inputs if value is not None and value.name)
 
     def fresh(self, hint: str) -> str:
-        base = f"{hint}_bnfold" if hint else "bnfold"
-        numbered = (f"{base}_{i}" for i in itertools.count(1))
-        for candidate in itertools.chain([hint] if hint else [], [base], numbered):
-            if candidate not in self._taken:
-                self._taken.add(candidate)
-                return candidate
-        raise AssertionError("unreachable")
+        return _fresh(hint, self._taken)
+
+    def fresh_node(self, hint: str) -> str:
+        return _fresh(hint, self._taken_nodes)
+
+
+def _fresh(hint: str, taken: set[str]) -> str:
+    base = f"{hint}_bnfold" if hint else "bnfold"
+    numbered = (f"{base}_{i}" for i in itertools.count(1))
+    for candidate in itertools.chain([hint] if hint else [], [base], numbered):
+        if candidate not in taken:
+            taken.add(candidate)
+            return candidate
+    raise AssertionError("unreachable")
 
 
 class TensorWriter:
-    """Applies :class:`TensorUpdate` s and remembers which values may have lost their last reader."""
+    """Applies :class:`TensorUpdate` s, creates constants, and remembers values that may have lost their reader."""
 
     def __init__(self, model: ir.Model, names: NameAllocator) -> None:
         self._model = model
-        self._names = names
+        self.names = names
         self._legacy_initializer_inputs = (model.ir_version or 0) < 4
+        self._function_graphs: set[ir.Graph] = set()
+        for function in model.functions.values():
+            self.register_function(function)
         self.maybe_orphaned: list[ir.Value] = []
+
+    def register_function(self, function: ir.Function) -> None:
+        """Treat ``function``'s body (and its subgraphs) as initializer-free: new constants become nodes."""
+        self._function_graphs.update((function.graph, *function.subgraphs()))
 
     def write(self, update: TensorUpdate, data: np.ndarray) -> None:
         node, index = update.node, update.input_index
@@ -58,21 +77,44 @@ class TensorWriter:
             old.const_value = ir.tensor(data, name=old.name)
             old.shape = ir.Shape(data.shape)
             return
-        new = ir.Value(
-            name=self._names.fresh(update.name_hint),
-            shape=ir.Shape(data.shape),
-            type=ir.TensorType(update.dtype),
-        )
-        new.const_value = ir.tensor(data, name=new.name)
-        graph = node.graph
-        graph.register_initializer(new)
-        if self._legacy_initializer_inputs and graph is self._model.graph:
-            graph.inputs.append(new)
+        if (
+            node.graph in self._function_graphs
+            and old is not None
+            and self._constant_node_solely_read_here(old, node, index)
+        ):
+            constant = old.producer()
+            for name in list(constant.attributes):
+                del constant.attributes[name]
+            constant.attributes["value"] = ir.Attr("value", ir.AttributeType.TENSOR, ir.tensor(data, name=old.name))
+            old.shape = ir.Shape(data.shape)
+            old.type = ir.TensorType(update.dtype)
+            return
+        new = self.constant(node, data, update.dtype, update.name_hint)
         if index >= len(node.inputs):
             node.resize_inputs(index + 1)
         node.replace_input_with(index, new)
         if old is not None:
             self.maybe_orphaned.append(old)
+
+    def constant(self, reader: ir.Node, data: np.ndarray, dtype: ir.DataType, hint: str) -> ir.Value:
+        """A new constant holding ``data`` (already of ``dtype``), visible to ``reader`` in its graph."""
+        graph = reader.graph
+        name = self.names.fresh(hint)
+        tensor = ir.tensor(data, name=name)
+        if graph in self._function_graphs:
+            node = ir.node("Constant", [], attributes={"value": tensor}, name=self.names.fresh_node(name))
+            value = node.outputs[0]
+            value.name = name
+            value.shape = ir.Shape(data.shape)
+            value.type = ir.TensorType(dtype)
+            graph.insert_before(reader, node)
+            return value
+        value = ir.Value(name=name, shape=ir.Shape(data.shape), type=ir.TensorType(dtype))
+        value.const_value = tensor
+        graph.register_initializer(value)
+        if self._legacy_initializer_inputs and graph is self._model.graph:
+            graph.inputs.append(value)
+        return value
 
     def _solely_read_here(self, value: ir.Value, node: ir.Node, index: int) -> bool:
         if not value.is_initializer() or value.is_graph_output() or value.graph is not node.graph:
@@ -80,6 +122,18 @@ class TensorWriter:
         if value.is_graph_input() and not self._legacy_initializer_inputs:
             return False
         return [(use.node, use.idx) for use in value.uses()] == [(node, index)]
+
+    @staticmethod
+    def _constant_node_solely_read_here(value: ir.Value, node: ir.Node, index: int) -> bool:
+        producer = value.producer()
+        return (
+            producer is not None
+            and producer.op_type == "Constant"
+            and producer.domain in ("", "ai.onnx")
+            and producer.graph is node.graph
+            and not value.is_graph_output()
+            and [(use.node, use.idx) for use in value.uses()] == [(node, index)]
+        )
 
     def prune_orphans(self) -> None:
         """Remove initializers and constant-producing nodes that this edit left without readers."""
@@ -109,14 +163,51 @@ class TensorWriter:
                 pending.extend(inputs)
 
 
+def bypass(node: ir.Node, kept: ir.Value) -> None:
+    """Remove single-output ``node`` and let ``kept`` carry its output (name, type and shape kept).
+
+    ``kept`` must already compute what ``node``'s output computed (the fold moved the node's work elsewhere).
+    """
+    output = node.outputs[0]
+    name, type_, shape = output.name, output.type, output.shape
+    output.replace_all_uses_with(kept, replace_graph_outputs=True)
+    node.graph.remove(node, safe=True)
+    kept.name = name
+    if type_ is not None:
+        kept.type = type_
+    if shape is not None:
+        kept.shape = shape
+
+
 def bypass_batch_norm(batch_norm: ir.Node) -> None:
     """Remove ``batch_norm`` and let its input carry its ``Y`` (name, type and shape kept)."""
+    bypass(batch_norm, batch_norm.inputs[0])
+
+
+def replace_with_channel_affine(
+    batch_norm: ir.Node, scale: ir.Value | None, shift: ir.Value, names: NameAllocator
+) -> tuple[ir.Node, ...]:
+    """Replace ``batch_norm`` by ``Add(X, shift)`` or ``Add(Mul(X, scale), shift)``; the Add emits ``Y``.
+
+    ``scale``/``shift`` are constants shaped to broadcast onto axis 1 of ``X``. Returns the new nodes.
+    """
     x, y = batch_norm.inputs[0], batch_norm.outputs[0]
-    name, type_, shape = y.name, y.type, y.shape
-    y.replace_all_uses_with(x, replace_graph_outputs=True)
+    base = batch_norm.name or "batch_norm"
+    nodes: list[ir.Node] = []
+    if scale is not None:
+        mul = ir.node("Mul", [x, scale], name=names.fresh_node(f"{base}_scale"))
+        mul.outputs[0].name = names.fresh(f"{y.name}_scaled")
+        mul.outputs[0].type, mul.outputs[0].shape = y.type, y.shape
+        nodes.append(mul)
+        x = mul.outputs[0]
+    add = ir.node("Add", [x, shift], name=names.fresh_node(f"{base}_shift"))
+    nodes.append(add)
+    batch_norm.graph.insert_before(batch_norm, nodes)
+    bypass(batch_norm, add.outputs[0])
+    return tuple(nodes)
+
+
+def remove_batch_norm_before(batch_norm: ir.Node, consumer: ir.Node) -> None:
+    """Remove ``batch_norm`` whose only reader is input 0 of ``consumer``; ``consumer`` reads BN's ``X``."""
+    consumer.replace_input_with(0, batch_norm.inputs[0])
     batch_norm.graph.remove(batch_norm, safe=True)
-    x.name = name
-    if type_ is not None:
-        x.type = type_
-    if shape is not None:
-        x.shape = shape

@@ -39,6 +39,23 @@ class SkipReason(str, enum.Enum):
     """The folded weights or bias would contain NaN or Inf (for example var + epsilon <= 0)."""
     FOLDED_WEIGHTS_OVERFLOW = "FOLDED_WEIGHTS_OVERFLOW"
     """A folded value exceeds the largest finite value of the weight dtype (fp16: 65504)."""
+    CHANNEL_AXIS_NOT_WEIGHT_AXIS = "CHANNEL_AXIS_NOT_WEIGHT_AXIS"
+    """BN normalises axis 1, but the producer's weight maps to another output axis (MatMul with an output of
+    rank > 2 maps its weight to the last axis): folding would scale the wrong axis."""
+    RANK_UNKNOWN = "RANK_UNKNOWN"
+    """The rank of the tensor is needed to place the per-channel affine, but neither the model records it nor
+    ONNX shape inference can tell it."""
+    ADDED_CONSTANT_NOT_PER_CHANNEL = "ADDED_CONSTANT_NOT_PER_CHANNEL"
+    """In ``producer → Add(constant) → BN`` the constant varies along an axis other than the channel axis (or
+    widens the tensor), so it cannot move into a per-channel bias."""
+    CONV_HAS_PADDING = "CONV_HAS_PADDING"
+    """Forward fold into the following Conv: the Conv pads its input (pads != 0 or ``SAME_*`` with a kernel
+    wider than 1), and padded border pixels would see the BN shift that the original never added."""
+    ATTRIBUTE_IS_REFERENCE = "ATTRIBUTE_IS_REFERENCE"
+    """Inside a function body an attribute of the BN or its neighbour refers to a function attribute, whose value
+    is only known per call site."""
+    NEIGHBOUR_IN_OTHER_GRAPH = "NEIGHBOUR_IN_OTHER_GRAPH"
+    """The producer (or forward consumer) lives in another graph than the BN (an outer scope or a subgraph)."""
 
     def __str__(self) -> str:
         return self.value

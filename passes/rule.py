@@ -4,12 +4,17 @@ A rule inspects its producer node and answers either :class:`~bnfold.passes.reas
 :class:`FoldPlan`: the producer inputs to replace, with their new values computed in float64. The driver
 casts every planned tensor once (:func:`cast_checked`) before it changes anything, so an overflow in one
 tensor leaves the whole graph untouched.
+
+Two kinds of rules exist:
+
+- :class:`FoldRule` folds a BN into the node that *produces* its input (``Conv → BN``);
+- :class:`ForwardFoldRule` folds a BN into the node that *consumes* its output (``BN → Conv``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import ml_dtypes
 import numpy as np
@@ -33,8 +38,30 @@ class TensorUpdate:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttributeUpdate:
+    """Set ``attribute`` on ``node`` (replacing any attribute of the same name)."""
+
+    node: ir.Node
+    attribute: ir.Attr
+
+
+@dataclasses.dataclass(frozen=True)
 class FoldPlan:
+    """What to change so that the neighbour computes ``BN(neighbour(x))`` (or ``neighbour(BN(x))``).
+
+    Attributes:
+        updates: neighbour inputs to replace (float64 values, cast once by the driver).
+        attributes: neighbour attributes to set (Gemm's ``beta``).
+        residual_shift: a per-channel float64 shift ``[C]`` the neighbour cannot absorb (MatMul has no bias);
+            the driver adds it on the channel axis, rewriting the ``Add`` that follows the producer or replacing
+            the BN by a new ``Add``.
+        residual_dtype: the dtype the residual shift is stored in.
+    """
+
     updates: tuple[TensorUpdate, ...]
+    attributes: tuple[AttributeUpdate, ...] = ()
+    residual_shift: np.ndarray | None = None
+    residual_dtype: ir.DataType | None = None
 
 
 class FoldRule(Protocol):
@@ -43,8 +70,27 @@ class FoldRule(Protocol):
     name: str
     op_type: str
 
+    def output_rank(self, producer: ir.Node, constants: ConstantResolver) -> int | None:
+        """The rank of the producer's output (from its weight, recorded shapes or ``constants.rank``), else ``None``.
+
+        The driver needs it to decide whether the constant of ``producer → Add(constant) → BN`` is per channel.
+        """
+        ...
+
     def plan(self, producer: ir.Node, affine: Affine, constants: ConstantResolver) -> FoldPlan:
         """Return the producer inputs to rewrite, or raise ``Skip`` with the reason it cannot fold."""
+        ...
+
+
+@runtime_checkable
+class ForwardFoldRule(Protocol):
+    """One consumer op that absorbs a BN in front of it (``BN → op``). ``op_type`` is the consumer's op."""
+
+    name: str
+    op_type: str
+
+    def plan_forward(self, consumer: ir.Node, affine: Affine, constants: ConstantResolver) -> FoldPlan:
+        """Return the consumer inputs to rewrite (BN's output feeds input 0), or raise ``Skip``."""
         ...
 
 
@@ -88,3 +134,26 @@ def constant_input(producer: ir.Node, index: int, constants: ConstantResolver, r
     if array is None:
         raise Skip(reason, f"input {index} ({producer.inputs[index].name!r}) of {producer.op_type} is not constant")
     return array
+
+
+def int_attribute(node: ir.Node, name: str, default: int) -> int:
+    attribute = node.attributes.get(name)
+    return default if attribute is None else int(attribute.as_int())
+
+
+def float_attribute(node: ir.Node, name: str, default: float) -> float:
+    attribute = node.attributes.get(name)
+    return default if attribute is None else float(attribute.as_float())
+
+
+def attribute_reference(node: ir.Node) -> str | None:
+    """The name of the first attribute of ``node`` that refers to a function attribute, if any."""
+    for name, attribute in node.attributes.items():
+        if attribute.is_ref():
+            return name
+    return None
+
+
+def channel_shape(channels: int, rank: int) -> tuple[int, ...]:
+    """The shape ``[C, 1, ..., 1]`` that broadcasts a per-channel vector onto axis 1 of a rank-``rank`` tensor."""
+    return (channels,) + (1,) * (rank - 2)

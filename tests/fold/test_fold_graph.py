@@ -180,8 +180,9 @@ def test_runs_inside_an_onnx_ir_pass_manager():
 def test_folds_inside_if_branches_with_outer_scope_weights():
     spec = ConvBN()
     inner = spec.nodes()
+    inner[-1].output[0] = "Y_then"  # a subgraph must not redefine the outer "Y"
     then_graph = helper.make_graph(
-        inner, "then", [], [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)]
+        inner, "then", [], [helper.make_tensor_value_info("Y_then", onnx.TensorProto.FLOAT, None)]
     )
     else_graph = helper.make_graph(
         [helper.make_node("Identity", ["X"], ["Y_else"])],

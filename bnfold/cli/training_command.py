@@ -1,0 +1,54 @@
+"""``bnfold lower-training MODEL -o OUT``: rewrite training-mode BatchNormalization into primitive ops."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from bnfold import io
+from bnfold.errors import ExitCode, UsageError
+from bnfold.training.lowering import lower_training
+
+NAME = "lower-training"
+HELP = (
+    "rewrite training-mode BatchNormalization into bnfold's ONNX function (primitive ops in double) "
+    "so that onnxruntime CPU and CUDA can run it"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the ONNX model with training-mode BatchNormalization")
+    parser.add_argument("-o", "--output", required=True, help="where to write the lowered model")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+
+
+def _check_output(source: Path, output: Path) -> None:
+    same = output.resolve() == source.resolve() or (
+        output.exists() and source.exists() and os.path.samefile(output, source)
+    )
+    if same:
+        raise UsageError(f"{output}: the output would overwrite the input; choose another path")
+    if output.is_dir():
+        raise UsageError(f"{output}: is a directory; give a file path")
+
+
+def run(args: argparse.Namespace) -> int:
+    source, output = Path(args.model), Path(args.output)
+    _check_output(source, output)
+    model = io.load_model(source)
+    lowered, count = lower_training(model)
+    io.save_model(lowered, output)
+    console = Console(quiet=args.quiet, highlight=False)
+    if count:
+        noun = "node" if count == 1 else "nodes"
+        console.print(f"lowered {count} training-mode BatchNormalization {noun}: {escape(str(output))}", soft_wrap=True)
+    else:
+        console.print(
+            f"no training-mode BatchNormalization found; wrote the model unchanged: {escape(str(output))}",
+            soft_wrap=True,
+        )
+    return ExitCode.OK

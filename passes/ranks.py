@@ -1,0 +1,82 @@
+"""The rank and element type of a value: as recorded in the model, else from ONNX shape inference.
+
+Some rules need the rank of a tensor the model does not annotate. For example, TorchScript exports a
+bias-less ``Linear`` as a ``MatMul`` and records no shape on its output. When a recorded shape is missing,
+ONNX shape inference runs **once** on a copy of the model that holds no weight data (initializers become
+typed graph inputs), and its ranks are looked up by value name. The model itself is never changed: no
+inferred shape is written back. Only values of the main graph and its subgraphs are looked up; function
+bodies keep what they record.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+
+
+class RankResolver:
+    def __init__(self, model: ir.Model) -> None:
+        self._model = model
+        self._inferred: dict[str, tuple[int | None, ir.DataType | None]] | None = None
+
+    def rank(self, value: ir.Value | None) -> int | None:
+        """The value's rank, or ``None`` when neither the model nor shape inference knows it."""
+        if value is None:
+            return None
+        if value.shape is not None:
+            return len(value.shape)
+        return self._lookup(value)[0]
+
+    def dtype(self, value: ir.Value | None) -> ir.DataType | None:
+        """The value's element type, or ``None`` when neither the model nor shape inference knows it."""
+        if value is None:
+            return None
+        if value.dtype is not None:
+            return value.dtype
+        return self._lookup(value)[1]
+
+    def _lookup(self, value: ir.Value) -> tuple[int | None, ir.DataType | None]:
+        if not value.name or value.graph is None or value.graph not in set(self._model.graphs()):
+            return (None, None)
+        if self._inferred is None:
+            self._inferred = _infer(self._model)
+        return self._inferred.get(value.name, (None, None))
+
+
+def _infer(model: ir.Model) -> dict[str, tuple[int | None, ir.DataType | None]]:
+    weightless = model.clone()  # shares tensors; only the copy's graph structure is changed below
+    graph = weightless.graph
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is not None:
+            if value.shape is None:
+                value.shape = ir.Shape(tensor.shape)
+            if value.dtype is None:
+                value.dtype = tensor.dtype
+        graph.initializers.pop(name)
+        if not value.is_graph_input():
+            graph.inputs.append(value)
+    try:
+        proto = ir.to_proto(weightless)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # best effort: a model that cannot be serialised or inferred just has unknown ranks
+        return {}
+    facts: dict[str, tuple[int | None, ir.DataType | None]] = {}
+    _collect(inferred.graph, facts)
+    return facts
+
+
+def _collect(graph: onnx.GraphProto, facts: dict[str, tuple[int | None, ir.DataType | None]]) -> None:
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if not value.type.HasField("tensor_type"):
+            continue
+        tensor_type = value.type.tensor_type
+        rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+        dtype = ir.DataType(tensor_type.elem_type) if tensor_type.elem_type else None
+        facts.setdefault(value.name, (rank, dtype))
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                _collect(attribute.g, facts)
+            for subgraph in attribute.graphs:
+                _collect(subgraph, facts)
