@@ -223,7 +223,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             try:
                 detail = lower_batch_norm(node, affine, self._constants, self._writer)
                 detail += f" (not folded: {skip.reason.value}: {skip.detail})"
-                record = dataclasses.replace(record, status=FoldStatus.FOLDED, rule=LOWER_RULE_NAME, detail=detail)
+                record = dataclasses.replace(record, status=FoldStatus.LOWERED, rule=LOWER_RULE_NAME, detail=detail)
                 return with_scale(record, affine)
             except Skip as lowering_skip:
                 skip = Skip(lowering_skip.reason, f"not lowered: {lowering_skip.detail} (not folded: {skip})")

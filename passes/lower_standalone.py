@@ -71,7 +71,7 @@ class LowerStandaloneBatchNormPass(ir.passes.InPlacePass):
     """Lower every inference-mode BatchNormalization with constant parameters to ``Mul`` + ``Add``.
 
     Run it after :class:`~bnfold.passes.FoldBatchNormPass` in a ``PassManager`` to lower what did not fold.
-    Records of lowered BNs have status ``folded`` and rule ``lower_standalone``.
+    Records of lowered BNs have status ``lowered`` and rule ``lower_standalone``.
     """
 
     def __init__(self) -> None:
@@ -91,7 +91,7 @@ class LowerStandaloneBatchNormPass(ir.passes.InPlacePass):
                         affine = inference_affine(node, scope.opset, constants)
                         require_finite(affine)
                         detail = lower_batch_norm(node, affine, constants, writer)
-                        record = dataclasses.replace(record, status=FoldStatus.FOLDED, rule=RULE_NAME, detail=detail)
+                        record = dataclasses.replace(record, status=FoldStatus.LOWERED, rule=RULE_NAME, detail=detail)
                     except Skip as skip:
                         record = dataclasses.replace(record, reason=skip.reason, detail=skip.detail)
                     records.append(with_scale(record, affine))

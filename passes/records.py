@@ -15,8 +15,9 @@ from bnfold.passes.reasons import SkipReason
 
 
 class FoldStatus(str, enum.Enum):
-    FOLDED = "folded"
-    SKIPPED = "skipped"
+    FOLDED = "folded"  # merged into a neighbouring layer's weights: the BN is gone
+    LOWERED = "lowered"  # no rule folded it; replaced by a precomputed Mul + Add (``lower_standalone``)
+    SKIPPED = "skipped"  # left untouched, with a reason
 
     def __str__(self) -> str:
         return self.value
@@ -28,12 +29,15 @@ class BatchNormRecord:
 
     Attributes:
         node: the BN node's name (or ``"<unnamed #i>"``).
-        graph: where it lives: ``"main"``, a subgraph path ``"main/If_0.then_branch"``, or ``"function:NAME"``.
-        status: folded or skipped.
-        reason: why it was skipped (``None`` when folded).
+        graph: where it lives: ``"main"``, a subgraph path ``"main/If_0.then_branch"``, or
+            ``"function:DOMAIN:NAME"``.
+        status: folded, lowered or skipped.
+        reason: why it was skipped (``None`` otherwise).
         detail: one human-readable sentence about the decision.
-        output: the BN's ``Y`` tensor name. After folding, the folded producer emits a tensor with exactly
-            this name, so original and folded models can be compared at this tensor.
+        output: the BN's ``Y`` tensor name. After a backward fold (into the producer) or lowering, the new
+            last node emits a tensor with exactly this name, so original and folded models can be compared
+            at this tensor. After a forward fold (into the following Conv) the BN's ``Y`` no longer exists;
+            this is then the Conv's output name, which both models share.
         producer: op type of the node feeding (or, for a forward fold, consuming) the BN, if any.
         producer_node: that node's name.
         rule: the rule that folded it (``"conv"``, ``"conv_transpose"``, ...), if any.
@@ -76,8 +80,12 @@ class FoldReport:
         return tuple(record for record in self.records if record.folded)
 
     @property
+    def lowered(self) -> tuple[BatchNormRecord, ...]:
+        return tuple(record for record in self.records if record.status is FoldStatus.LOWERED)
+
+    @property
     def skipped(self) -> tuple[BatchNormRecord, ...]:
-        return tuple(record for record in self.records if not record.folded)
+        return tuple(record for record in self.records if record.status is FoldStatus.SKIPPED)
 
     @property
     def skipped_by_reason(self) -> dict[SkipReason, int]:
@@ -88,6 +96,7 @@ class FoldReport:
         return {
             "batch_norm_total": len(self.records),
             "batch_norm_folded": len(self.folded),
+            "batch_norm_lowered": len(self.lowered),
             "batch_norm_skipped": len(self.skipped),
             "skipped_by_reason": {reason.value: count for reason, count in self.skipped_by_reason.items()},
             "nodes_before": self.nodes_before,

@@ -5,7 +5,13 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from bnfold.report import FoldReport
+from bnfold.report import FoldReport, FoldStatus
+
+_STATUS_STYLE = {
+    FoldStatus.FOLDED: "[green]folded[/]",
+    FoldStatus.LOWERED: "[cyan]lowered[/]",
+    FoldStatus.SKIPPED: "[yellow]skipped[/]",
+}
 
 
 def human_bytes(size: int) -> str:
@@ -32,6 +38,8 @@ def render_fold_summary(
     table.add_column(style="bold")
     table.add_column()
     table.add_row("BatchNormalization folded", f"{len(report.folded)} / {len(report.records)}")
+    if report.lowered:
+        table.add_row("  lowered to Mul + Add", str(len(report.lowered)))
     for reason, count in report.skipped_by_reason.items():
         table.add_row(f"  skipped: {reason.value}", str(count))
     table.add_row("nodes", f"{report.nodes_before} → {report.nodes_after}")
@@ -53,8 +61,8 @@ def render_fold_records(console: Console, report: FoldReport) -> None:
             if record.scale_min is not None and record.scale_max is not None
             else "-"
         )
-        reason = record.detail if record.folded else f"{record.reason.value}: {record.detail}"
-        status = "[green]folded[/]" if record.folded else "[yellow]skipped[/]"
+        reason = f"{record.reason.value}: {record.detail}" if record.reason else record.detail
+        status = _STATUS_STYLE[record.status]
         producer = f"{record.producer} {record.producer_node!r}" if record.producer else "-"
         table.add_row(record.node, record.graph, producer, status, reason, scale)
     console.print(table)
