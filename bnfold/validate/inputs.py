@@ -85,8 +85,8 @@ def _dims(tensor_type: onnx.TypeProto.Tensor) -> tuple[Dim, ...] | None:
         return None
     dims: list[Dim] = []
     for dim in tensor_type.shape.dim:
-        if dim.HasField("dim_value"):
-            dims.append(int(dim.dim_value))
+        if dim.HasField("dim_value") and dim.dim_value >= 0:
+            dims.append(int(dim.dim_value))  # some exporters (paddle2onnx) write -1 for "dynamic": treat as unknown
         elif dim.HasField("dim_param") and dim.dim_param:
             dims.append(dim.dim_param)
         else:

@@ -183,3 +183,22 @@ def test_integer_and_bool_inputs_feed_a_model_and_compare_exactly():
     report = verify(model, model)
     assert report.verdict is Verdict.PASSED
     assert report.verdicts[0].outputs[0].tolerance.atol == 0.0
+
+
+
+def test_negative_dims_written_by_some_exporters_count_as_dynamic():
+    """paddle2onnx writes -1 for a dynamic dim: inputs are generated for it instead of crashing."""
+    import onnx
+    from onnx import helper
+
+    import bnfold
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "negative_dims",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [-1, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    report = bnfold.verify(model, model)
+    assert report.passed
