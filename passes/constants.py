@@ -78,10 +78,12 @@ class ConstantResolver:
 
     def _constant_of_shape(self, node: ir.Node) -> np.ndarray | None:
         shape = self.array(node.inputs[0]) if node.inputs else None
-        if shape is None or shape.ndim != 1 or np.any(shape < 0):
+        if shape is None or shape.ndim != 1 or shape.dtype.kind not in "iu" or np.any(shape < 0):
+            return None
+        if np.prod(shape, dtype=object) > 2**24 or np.any(shape > 2**24):  # no gigabytes from a few bytes
             return None
         fill = node.attributes.get("value")
-        if fill is not None and fill.is_ref():
+        if fill is not None and (fill.is_ref() or fill.type != ir.AttributeType.TENSOR):
             return None
         fill_array = fill.as_tensor().numpy().reshape(-1) if fill is not None else np.zeros(1, np.float32)
         if fill_array.size != 1:

@@ -74,7 +74,7 @@ class TensorWriter:
         node, index = update.node, update.input_index
         old = node.inputs[index] if index < len(node.inputs) else None
         if old is not None and self._solely_read_here(old, node, index):
-            old.const_value = ir.tensor(data, name=old.name)
+            old.const_value = ir.Tensor(data, name=old.name)  # ir.tensor's protocol checks cost ~7× more
             old.shape = ir.Shape(data.shape)
             return
         if (
@@ -100,7 +100,7 @@ class TensorWriter:
         """A new constant holding ``data`` (already of ``dtype``), visible to ``reader`` in its graph."""
         graph = reader.graph
         name = self.names.fresh(hint)
-        tensor = ir.tensor(data, name=name)
+        tensor = ir.Tensor(data, name=name)
         if graph in self._function_graphs:
             node = ir.node("Constant", [], attributes={"value": tensor}, name=self.names.fresh_node(name))
             value = node.outputs[0]
@@ -154,6 +154,7 @@ class TensorWriter:
             producer = value.producer()
             if (
                 producer is not None
+                and producer.graph is not None  # not removed already: a value may be listed twice
                 and producer.op_type in ("Constant", "Identity", "ConstantOfShape")
                 and producer.domain in ("", "ai.onnx")
                 and not any(output.uses() or output.is_graph_output() for output in producer.outputs)

@@ -87,6 +87,11 @@ class FoldReport:
     def skipped(self) -> tuple[BatchNormRecord, ...]:
         return tuple(record for record in self.records if record.status is FoldStatus.SKIPPED)
 
+    def probe_tensors(self) -> dict[str, str]:
+        """``{tensor name: BN node name}`` for every folded or lowered BN: tensors the original and the folded
+        model both have, where a verifier can pin a mismatch on one fold."""
+        return {record.output: record.node for record in self.records if record.status is not FoldStatus.SKIPPED}
+
     @property
     def skipped_by_reason(self) -> dict[SkipReason, int]:
         counts = collections.Counter(record.reason for record in self.skipped)

@@ -103,12 +103,17 @@ def weight_dtype(value: ir.Value, array: np.ndarray) -> ir.DataType:
 
 
 def cast_checked(values: np.ndarray, dtype: ir.DataType, what: str) -> np.ndarray:
-    """Cast float64 ``values`` to ``dtype`` once; ``Skip`` if any is non-finite or beyond the dtype's range."""
-    if not np.all(np.isfinite(values)):
+    """Cast float64 ``values`` to ``dtype`` once; ``Skip`` if any is non-finite or beyond the dtype's range.
+
+    Two read-only reductions (``max``, ``min``; NaN propagates through both) replace ``isfinite`` + ``abs``,
+    which each wrote a temporary as large as ``values``.
+    """
+    high, low = (float(values.max()), float(values.min())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(high) and np.isfinite(low)):
         raise Skip(SkipReason.FOLDED_WEIGHTS_NOT_FINITE, f"folded {what} would contain NaN or Inf")
     target = dtype.numpy()
     limit = float(ml_dtypes.finfo(target).max)
-    largest = float(np.max(np.abs(values))) if values.size else 0.0
+    largest = max(high, -low)
     if largest > limit:
         raise Skip(
             SkipReason.FOLDED_WEIGHTS_OVERFLOW,

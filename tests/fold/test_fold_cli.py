@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import onnx
 import pytest
@@ -116,3 +118,59 @@ def test_python_dash_m_entry_point(model_path):
     )
     assert result.returncode == 0, result.stderr
     assert model_path.with_name("net.folded.onnx").is_file()
+
+
+def test_lower_standalone_replaces_an_unfoldable_bn_by_mul_add(tmp_path, capsys):
+    model = ConvBN().build()
+    model.graph.node.insert(1, onnx.helper.make_node("Relu", ["conv_out"], ["relu_out"], name="relu"))
+    model.graph.node[2].input[0] = "relu_out"
+    source, output = tmp_path / "relu.onnx", tmp_path / "out.onnx"
+    onnx.save(model, source)
+    assert main([str(source), "-o", str(output), "--lower-standalone", "--json", "-"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["fold"]["batch_norm_lowered"] == 1
+    assert document["fold"]["records"][0]["status"] == "lowered"
+    assert document["verify"]["verdict"] == "passed"
+    assert op_types(onnx.load(output)) == ["Conv", "Relu", "Mul", "Add"]
+
+
+@pytest.fixture
+def broken_conv_rule(monkeypatch):
+    """Make the conv rule fold wrong weights (×1.1), as a fold bug would."""
+    from bnfold.passes import conv
+
+    original_plan = conv.ConvRule.plan
+
+    def wrong_plan(self, producer, affine, constants):
+        plan = original_plan(self, producer, affine, constants)
+        weight, *rest = plan.updates
+        return dataclasses.replace(plan, updates=(dataclasses.replace(weight, values=weight.values * 1.1), *rest))
+
+    monkeypatch.setattr(conv.ConvRule, "plan", wrong_plan)
+
+
+@pytest.mark.usefixtures("broken_conv_rule")
+def test_a_fold_that_fails_verification_is_never_written(model_path, tmp_path, capsys):
+    output = tmp_path / "out.onnx"
+    assert main([str(model_path), "-o", str(output), "--json", "-"]) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert document["output"] is None
+    assert document["verify"]["verdict"] == "failed"
+    assert not output.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx"]
+
+
+@pytest.mark.usefixtures("broken_conv_rule")
+def test_keep_failed_keeps_the_failing_fold_under_another_name(model_path, tmp_path):
+    output = tmp_path / "out.onnx"
+    assert main([str(model_path), "-o", str(output), "--keep-failed", "-q"]) == 1
+    assert not output.exists()
+    assert op_types(onnx.load(tmp_path / "out.failed.onnx")) == ["Conv"]
+
+
+def test_junit_xml_has_one_testcase_per_provider_and_output(model_path, tmp_path):
+    junit = tmp_path / "fold.xml"
+    assert main([str(model_path), "-o", str(tmp_path / "out.onnx"), "-q", "--junit-xml", str(junit)]) == 0
+    cases = ElementTree.parse(junit).getroot().iter("testcase")
+    outcomes = [(case.get("name"), [child.tag for child in case if child.tag != "system-out"]) for case in cases]
+    assert outcomes == [("cpu/Y", [])]  # passed: no <failure>, <error> or <skipped>
