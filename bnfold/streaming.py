@@ -464,6 +464,21 @@ def write_model(model: ir.Model, path: str | os.PathLike, data: DataFile | None 
     _stream_self_contained(proto, streamed, path)
 
 
+def _order_value_info_like_initializers(graph: onnx.GraphProto, initializer_order: list[str]) -> None:
+    """Put the initializers' value_info entries in the order the initializers are written.
+
+    Streamed (large) initializers are written after the others; reloading such a file lists them in that
+    order, so writing the value_info in the same order makes a load-and-save round trip byte-stable.
+    """
+    position = {name: index for index, name in enumerate(initializer_order)}
+    entries = list(graph.value_info)
+    ordered = sorted((entry for entry in entries if entry.name in position), key=lambda entry: position[entry.name]) + [
+        entry for entry in entries if entry.name not in position
+    ]
+    del graph.value_info[:]
+    graph.value_info.extend(ordered)
+
+
 def _placeholder(tensor: ir.TensorProtocol, index: int) -> ir.ExternalTensor:
     return ir.ExternalTensor(
         _PLACEHOLDER,
@@ -492,6 +507,7 @@ def _stream_self_contained(proto: onnx.ModelProto, streamed: list[ir.TensorProto
         headers.append((tensor_proto.SerializeToString(), source))
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
+    _order_value_info_like_initializers(proto.graph, [*(t.name for t in kept), *(s.name for s in streamed)])
     graph_head = proto.graph.SerializeToString()
     proto.ClearField("graph")
     model_head = proto.SerializeToString()

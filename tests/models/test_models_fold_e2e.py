@@ -129,11 +129,6 @@ def test_refolding_a_folded_zoo_model_folds_nothing(zoo, tmp_path: Path) -> None
     assert [record["reason"] for record in second.records] == ["UNSUPPORTED_PRODUCER"] * 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bnfold bug: a refold writes graph.value_info in another order than the first fold "
-    "(nodes and initializers are identical), so the bytes differ",
-)
 def test_refolding_a_folded_zoo_model_writes_identical_bytes(zoo, tmp_path: Path) -> None:
     first = fold_with_cli(zoo.get("densenet", TORCHSCRIPT_17), tmp_path / "first", "--no-verify")
     second = fold_with_cli(first.folded, tmp_path / "second", "--no-verify")
