@@ -85,7 +85,7 @@ class TensorWriter:
             constant = old.producer()
             for name in list(constant.attributes):
                 del constant.attributes[name]
-            constant.attributes["value"] = ir.Attr("value", ir.AttributeType.TENSOR, ir.tensor(data, name=old.name))
+            constant.attributes["value"] = ir.Attr("value", ir.AttributeType.TENSOR, ir.Tensor(data, name=old.name))
             old.shape = ir.Shape(data.shape)
             old.type = ir.TensorType(update.dtype)
             return

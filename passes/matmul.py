@@ -66,7 +66,11 @@ class MatMulRule:
             )
         channel_count_matches(affine, weight.shape[1], producer)
         return FoldPlan(
-            updates=(TensorUpdate(producer, 1, weight.astype(np.float64) * affine.scale, dtype, weight_value.name),),
+            updates=(
+                TensorUpdate(
+                    producer, 1, np.multiply(weight, affine.scale, dtype=np.float64), dtype, weight_value.name
+                ),
+            ),
             residual_shift=affine.shift,
             residual_dtype=dtype,
         )
