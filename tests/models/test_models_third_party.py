@@ -35,10 +35,8 @@ EXPECTED_SKIPS: dict[str, dict[str, int]] = {
     "pytorch03_batchnorm3d": {SkipReason.NO_PRODUCER.value: 1},
 }
 
-KNOWN_FAILURES = {
-    "paddle_ppocr_cls": "bnfold verify treats the input dims paddle2onnx stores as -1 as fixed: --input-shapes "
-    "is refused ('axis 0 is fixed to -1') and generated inputs crash ('negative dimensions')",
-}
+#: Third-party models bnfold is known to get wrong (strict xfail: they turn red once fixed).
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def cases() -> list:
