@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
 from bnfold.passes.ranks import RankResolver
 
 _MAX_IDENTITY_CHAIN = 64

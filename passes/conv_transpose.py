@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
 from bnfold.passes.affine import Affine
 from bnfold.passes.constants import ConstantResolver
 from bnfold.passes.conv import fold_output_channel_bias

@@ -33,9 +33,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from bnfold.passes.graph_edit import NameAllocator
 
 from bnfold.errors import InvalidModelError, UsageError
+from bnfold.passes.graph_edit import NameAllocator
 from bnfold.training.names import (
     DOMAIN,
     DOMAIN_VERSION,

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
+
 from bnfold.passes import functions
 from bnfold.passes.affine import Affine
 from bnfold.passes.batch_norm import is_batch_norm

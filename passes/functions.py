@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
+
 from bnfold.passes.constants import ConstantResolver
 from bnfold.passes.graph_edit import TensorWriter
 from bnfold.passes.reasons import SkipReason

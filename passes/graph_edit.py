@@ -18,6 +18,7 @@ import itertools
 
 import numpy as np
 import onnx_ir as ir
+
 from bnfold.passes.rule import TensorUpdate
 
 

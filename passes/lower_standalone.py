@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 import onnx_ir as ir
+
 from bnfold.passes.affine import Affine
 from bnfold.passes.batch_norm import is_batch_norm
 from bnfold.passes.constants import ConstantResolver

@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+
 from bnfold.passes.affine import Affine
 from bnfold.passes.constants import ConstantResolver
 from bnfold.passes.reasons import Skip, SkipReason

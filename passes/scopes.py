@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import onnx_ir as ir
+
 from bnfold.passes.affine import Affine
 from bnfold.passes.batch_norm import batch_norm_affine, check_inference_mode
 from bnfold.passes.constants import ConstantResolver

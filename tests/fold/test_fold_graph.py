@@ -7,11 +7,11 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 import pytest
-from bnfold.passes import FoldBatchNormPass
 from fold_builders import ConvBN, assert_equivalent, op_types, run
 from onnx import helper, numpy_helper
 
 import bnfold
+from bnfold.passes import FoldBatchNormPass
 from bnfold.report import FoldStatus
 
 

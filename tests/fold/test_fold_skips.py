@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from bnfold.passes import SkipReason
 from fold_builders import ConvBN, op_types
 from onnx import helper, numpy_helper
 
 import bnfold
+from bnfold.passes import SkipReason
 from bnfold.report import FoldStatus
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-from bnfold.passes import SkipReason
 
 from bnfold.cli import main
+from bnfold.passes import SkipReason
 from models.build import Variant, count_ops
 from models.export import Exporter
 from models.zoo import ZooEntry

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import onnx_ir as ir
 import pytest
-from bnfold.passes import SkipReason, rule_names
 from models_expectations import (
     CliFold,
     assert_sound_fold,
@@ -23,6 +22,7 @@ from models_expectations import (
 )
 
 from bnfold.cli import main
+from bnfold.passes import SkipReason, rule_names
 from models.build import FULL_MATRIX, Variant, count_ops
 from models.demo import DEMO_PATH
 from models.export import Exporter

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 import pytest
-from bnfold.passes import SkipReason
 from models_expectations import assert_sound_fold, fold_with_cli
 
 from bnfold.cli import main
+from bnfold.passes import SkipReason
 from models.third_party import THIRD_PARTY, ThirdPartyModel, locate, provenance
 
 pytestmark = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bnfold.passes import SkipReason
 from onnx import helper
 from rules_helpers import (
     assert_equivalent,
@@ -18,6 +17,8 @@ from rules_helpers import (
     only_record,
     op_types,
 )
+
+from bnfold.passes import SkipReason
 
 CONV_DTYPES = [np.float32, np.float16, np.float64]  # ONNX Conv has no bf16 type
 CONV_DTYPE_IDS = ["fp32", "fp16", "fp64"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from bnfold.passes import SkipReason
 from onnx import helper, numpy_helper
 from rules_helpers import (
     DTYPE_IDS,
@@ -24,6 +23,7 @@ from rules_helpers import (
 
 import bnfold
 from bnfold.errors import UsageError
+from bnfold.passes import SkipReason
 
 N, K, F = 3, 5, 4
 

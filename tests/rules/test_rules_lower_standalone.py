@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from bnfold.passes import FoldBatchNormPass, LowerStandaloneBatchNormPass, SkipReason
 from onnx import helper, numpy_helper
 from rules_helpers import (
     DTYPE_IDS,
@@ -22,6 +21,7 @@ from rules_helpers import (
     op_types,
 )
 
+from bnfold.passes import FoldBatchNormPass, LowerStandaloneBatchNormPass, SkipReason
 from bnfold.report import FoldStatus
 
 

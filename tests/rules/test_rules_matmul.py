@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from bnfold.passes import FoldBatchNormPass, SkipReason
 from onnx import helper, numpy_helper
 from rules_helpers import (
     DTYPE_IDS,
@@ -22,6 +21,8 @@ from rules_helpers import (
     only_record,
     op_types,
 )
+
+from bnfold.passes import FoldBatchNormPass, SkipReason
 
 N, K, F = 3, 5, 4
 

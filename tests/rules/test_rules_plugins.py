@@ -9,11 +9,11 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import pytest
-from bnfold.passes import DEFAULT_RULES, FoldBatchNormPass, rule_names, select_rules
 from onnx import helper
 from rules_helpers import assert_equivalent, bn_arrays, bn_node, io, make_model, op_types, session
 
 import bnfold
+from bnfold.passes import DEFAULT_RULES, FoldBatchNormPass, rule_names, select_rules
 from bnfold.report import FoldStatus
 
 F32 = np.float32

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from bnfold.passes import SkipReason
 from onnx import helper, numpy_helper
 from rules_helpers import (
     assert_equivalent,
@@ -20,6 +19,7 @@ from rules_helpers import (
     random_feeds,
 )
 
+from bnfold.passes import SkipReason
 from bnfold.report import FoldStatus
 
 F32 = np.float32

@@ -185,7 +185,6 @@ def test_integer_and_bool_inputs_feed_a_model_and_compare_exactly():
     assert report.verdicts[0].outputs[0].tolerance.atol == 0.0
 
 
-
 def test_negative_dims_written_by_some_exporters_count_as_dynamic():
     """paddle2onnx writes -1 for a dynamic dim: inputs are generated for it instead of crashing."""
     import onnx
