@@ -7,10 +7,14 @@ Each subcommand is a module in this package exposing ``NAME``, ``HELP``, ``add_a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
+import os
 import sys
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from bnfold.errors import BnfoldError, ExitCode
 
@@ -80,7 +84,54 @@ def _with_default_command(argv: list[str]) -> list[str]:
     return ["fold", *argv] if argv else argv
 
 
+def _one_line(text: str, limit: int = 1000) -> str:
+    """Collapse whitespace (newlines from onnx or protobuf included) so that an error stays one line."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _inputs_named(args: argparse.Namespace) -> str:
+    """The input paths of this invocation, to name them when something unexpected goes wrong."""
+    paths: list[str] = []
+    for attribute in ("model", "original", "candidate", "models"):
+        value = getattr(args, attribute, None)
+        paths.extend(value if isinstance(value, list) else [value] if value else [])
+    return ", ".join(str(path) for path in paths)
+
+
+@contextlib.contextmanager
+def _library_noise_hidden(debug: bool) -> Iterator[None]:
+    """Without ``--debug``, hide library warnings and log records below ERROR: stderr carries our one line.
+
+    With ``--debug`` everything passes through (Python warnings, ``onnx_ir`` log records, tracebacks).
+    """
+    if debug:
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _stdout_gone() -> None:
+    """The reader of stdout went away (``bnfold ... | head``): point stdout at /dev/null so exit stays quiet."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code (see ``EXIT_CODES_EPILOG``); never raises, not even ``SystemExit``.
+
+    Errors the library expects (:class:`~bnfold.errors.BnfoldError`) become one line on stderr and their exit
+    code; an ``OSError`` (disk full, permission denied) one line and exit code 1; anything else one "internal
+    error" line naming the inputs and exit code 1. ``--debug`` adds the traceback.
+    """
     argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     if not argv:
@@ -89,22 +140,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help, --version, usage errors: argparse already printed
-        return int(stop.code or 0)
-    try:
-        return int(args.run(args))
-    except BnfoldError as error:
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        print(f"bnfold: error: {error}", file=sys.stderr)
-        return int(error.exit_code)
-    except KeyboardInterrupt:
-        print("bnfold: interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        print(
-            f"bnfold: internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return ExitCode.FAILED
+        return ExitCode.USAGE if isinstance(stop.code, str) else int(stop.code or 0)
+    debug = bool(getattr(args, "debug", False))
+    with _library_noise_hidden(debug):
+        try:
+            return int(args.run(args))
+        except BnfoldError as error:
+            if debug:
+                traceback.print_exc()
+            print(_one_line(f"bnfold: error: {error}"), file=sys.stderr)
+            return int(error.exit_code)
+        except KeyboardInterrupt:
+            print("bnfold: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            _stdout_gone()
+            return ExitCode.FAILED
+        except OSError as error:  # the environment failed us (disk full, permissions): not a bug, still one line
+            if debug:
+                traceback.print_exc()
+            where = f"{error.filename}: " if error.filename else ""
+            print(_one_line(f"bnfold: error: {where}{error.strerror or error}"), file=sys.stderr)
+            return ExitCode.FAILED
+        except Exception as error:
+            if debug:
+                traceback.print_exc()
+            inputs = _inputs_named(args)
+            context = f" on {inputs}" if inputs else ""
+            message = f"bnfold: internal error{context}: {type(error).__name__}: {error}"
+            print(_one_line(message) + " (rerun with --debug for the traceback)", file=sys.stderr)
+            return ExitCode.FAILED
