@@ -20,6 +20,7 @@ exactly the input names holds a single iteration. bfloat16 arrays are stored as 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,8 @@ from bnfold.errors import UsageError
 LEADING_DIM_SIZES = (1, 2)
 OTHER_DIM_SIZES = (32, 24)
 INTEGER_RANGE = (0, 4)
+# Generated inputs larger than this (per input, per batch: 1 GiB of float32) are refused, not allocated.
+MAX_GENERATED_ELEMENTS = 2**28
 
 Dim = int | str | None  # a fixed size, a dim_param, or an anonymous dynamic dim
 Batch = dict[str, np.ndarray]
@@ -180,8 +183,21 @@ def generate_inputs(
     batches = []
     for iteration in range(iterations):
         shapes = resolve_shapes(specs, iteration, input_shapes, dims)
+        _check_generated_size(shapes)
         batches.append({spec.name: _random_array(rng, spec.dtype, shapes[spec.name]) for spec in specs})
     return batches
+
+
+def _check_generated_size(shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse to generate inputs a model declares absurdly large, before allocating anything."""
+    for name, shape in shapes.items():
+        elements = math.prod(shape)
+        if elements > MAX_GENERATED_ELEMENTS:
+            raise UsageError(
+                f"input {name!r} would have shape {list(shape)} ({elements:.3g} elements, more than "
+                f"{MAX_GENERATED_ELEMENTS:.3g}); give a smaller one with --input-shapes {name}:... "
+                "or pass inputs with --load-inputs FILE.npz"
+            )
 
 
 def _random_array(rng: np.random.Generator, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import InvalidModelError, UsageError
-from bnfold.io import check_external_data
+from bnfold.io import check_external_data, check_model_proto
 
 ModelInput = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -61,6 +61,7 @@ def load_model_source(model: ModelInput) -> ModelSource:
     if isinstance(model, (str, os.PathLike)):
         return _from_path(Path(model))
     if isinstance(model, onnx.ModelProto):
+        check_model_proto(model, source="<onnx.ModelProto>")
         check_external_data(model, None, source="<onnx.ModelProto>")
         return ModelSource("<onnx.ModelProto>", model, None)
     if isinstance(model, ir.Model):
@@ -80,6 +81,7 @@ def _from_path(path: Path) -> ModelSource:
         raise InvalidModelError(f"{path}: not a valid ONNX model ({first_line})") from error
     if not proto.HasField("graph"):
         raise InvalidModelError(f"{path}: not an ONNX model (the protobuf has no graph)")
+    check_model_proto(proto, source=path)  # the same checks as every other command: exit 3, never a crash
     check_external_data(proto, path.parent, source=path)
     return ModelSource(os.fspath(path), proto, path.parent if _has_external_data(proto) else None)
 

@@ -162,26 +162,6 @@ COMMANDS = {
 }
 LOADER_COMMANDS = {"fold", "default", "fold-in-place", "check", "lower-training"}
 
-# Known gaps, reported to the owner: strict xfails, so each one fails loudly once it is fixed.
-VERIFY_LOADER_GAP = (
-    "bnfold/validate/model_source.py does not run bnfold.io.check_model_proto, so onnxruntime judges the file "
-    "(an unloadable candidate is reported as a verification failure, exit 1)"
-)
-KNOWN_GAPS = {
-    (kind, "verify-candidate")
-    for kind in (
-        "cycle",
-        "dangling_input",
-        "duplicate_outputs",
-        "huge_dims",
-        "invalid_utf8",
-        "unrepresentable_dims",
-        "unknown_dtype",
-        "unproduced_output",
-        "wrong_attribute_type",
-    )
-} | {("invalid_utf8", "verify-original")}
-
 
 def _setup(tmp_path: Path, builder: Callable[[Path], Path]) -> tuple[Path, Path, Path]:
     good = write_model(tmp_path / "good.onnx", conv_bn_model())
@@ -195,8 +175,6 @@ def test_hostile_model_gets_one_line_and_exit_3(
 ) -> None:
     if COMMANDS[command] not in AVAILABLE:
         pytest.skip(f"subcommand {COMMANDS[command]!r} is not available")
-    if (kind, command) in KNOWN_GAPS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=VERIFY_LOADER_GAP))
     builder, reason = HOSTILE[kind]
     model, good, output = _setup(tmp_path, builder)
     before = snapshot(tmp_path)
@@ -331,11 +309,6 @@ def test_huge_declared_input_dims_fold_without_allocating(run_cli, tmp_path: Pat
     assert onnx.load(tmp_path / "out.onnx").graph.input[0].type.tensor_type.shape.dim[2].dim_value == 2**31
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bnfold/validate/inputs.py generates inputs of the declared size (2**31 × 20 elements): MemoryError "
-    "→ 'internal error'; it should refuse oversized inputs with a UsageError naming --input-shapes",
-)
 def test_huge_declared_input_dims_verification_refused_cleanly(run_cli, tmp_path: Path) -> None:
     model = _huge_declared_input(tmp_path)
     result = run_cli("fold", model, "-o", tmp_path / "out.onnx")
