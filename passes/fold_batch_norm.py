@@ -200,6 +200,11 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         record = new_record(node, scope, index)
         affine: Affine | None = None
         try:
+            if not scope.can_add_constants:
+                raise Skip(
+                    SkipReason.FUNCTION_OPSET_DIFFERS,
+                    f"{scope.label} imports opset {scope.opset}; Constant differs from the model's opset",
+                )
             affine = inference_affine(node, scope.opset, self._constants)
             require_finite(affine)
         except Skip as skip:

@@ -57,6 +57,10 @@ class SkipReason(str, enum.Enum):
     NEIGHBOUR_IN_OTHER_GRAPH = "NEIGHBOUR_IN_OTHER_GRAPH"
     """The producer (or forward consumer) lives in another graph than the BN (an outer scope or a subgraph)."""
 
+    FUNCTION_OPSET_DIFFERS = "FUNCTION_OPSET_DIFFERS"
+    """A function body imports another default opset than the model, one where ``Constant`` has a different
+    schema: the folded tensors (Constant nodes in a function) would make the model invalid."""
+
     def __str__(self) -> str:
         return self.value
 

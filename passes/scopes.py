@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import onnx
+import onnx.defs
 import onnx_ir as ir
 
 from bnfold.passes.affine import Affine
@@ -26,6 +28,9 @@ class Scope:
     graph: ir.Graph
     label: str
     opset: int
+    # False in a function body whose default opset gives ``Constant`` another schema than the model's: a
+    # Constant added there (folded tensors of a function are Constant nodes) fails the onnx checker.
+    can_add_constants: bool = True
 
 
 @dataclasses.dataclass
@@ -61,8 +66,16 @@ def function_label(function: ir.Function) -> str:
 
 def function_scopes(function: ir.Function, model_opset: int) -> Iterator[Scope]:
     opset = default_opset(function.opset_imports, model_opset)
+    can_add_constants = _constant_schema_version(opset) == _constant_schema_version(model_opset)
     for graph, label in iter_graphs(function.graph, function_label(function)):
-        yield Scope(graph, label, opset)
+        yield Scope(graph, label, opset, can_add_constants)
+
+
+def _constant_schema_version(opset: int) -> int | None:
+    try:
+        return onnx.defs.get_schema("Constant", opset).since_version
+    except onnx.defs.SchemaError:
+        return None
 
 
 def main_scopes(model: ir.Model) -> Iterator[Scope]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 from rules_helpers import (
@@ -19,6 +20,7 @@ from rules_helpers import (
     random_feeds,
 )
 
+import bnfold
 from bnfold.passes import SkipReason
 from bnfold.report import FoldStatus
 
@@ -260,3 +262,35 @@ def test_skips_when_producer_is_in_the_outer_graph():
     assert_skipped(record, SkipReason.NEIGHBOUR_IN_OTHER_GRAPH)
     assert (record.graph, record.producer) == ("main/if.then_branch", "Conv")
     assert op_types(subgraph_attribute(folded.graph.node[1], "then_branch")) == ["BatchNormalization"]
+
+
+@pytest.mark.parametrize(("function_opset", "folds"), [(21, True), (17, False)])
+def test_skips_when_function_opset_gives_constant_another_schema(function_opset, folds):
+    """Weights bound per call site become Constant nodes; Constant-21 differs from Constant-13 (opset 17)."""
+    rng = np.random.default_rng(0)
+    body = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    function = helper.make_function(
+        "local", "Block", ["x", "w", "g", "b", "m", "v"], ["y"], body, [helper.make_opsetid("", function_opset)]
+    )
+    arrays = {"W": rng.standard_normal((2, 2, 1, 1))} | {n: rng.uniform(0.5, 1.5, 2) for n in ("G", "B", "M", "V")}
+    graph = helper.make_graph(
+        [helper.make_node("Block", ["X", "W", "G", "B", "M", "V"], ["Y"], domain="local", name="call")],
+        "g",
+        [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, 2, 3, 3])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, 2, 3, 3])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()],
+    )
+    model = helper.make_model(
+        graph, functions=[function], opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("local", 1)]
+    )
+    onnx.checker.check_model(model)
+    folded, report = bnfold.fold(model)
+    statuses = {(record.status, record.reason) for record in report.records}
+    if folds:
+        assert (FoldStatus.FOLDED, None) in statuses
+    else:
+        assert statuses == {(FoldStatus.SKIPPED, SkipReason.FUNCTION_OPSET_DIFFERS)}
+    onnx.checker.check_model(ir.to_proto(folded))

@@ -18,16 +18,13 @@ import pytest
 
 from fuzz.corpus import generate, load_corpus, read_case
 from fuzz.harness import (
-    API,
     CHECKER,
     CRASH,
     HANG,
-    LOWER_STANDALONE,
     OK,
     PIPELINES,
     REJECTED,
     SMALL_STREAMING_THRESHOLDS,
-    STREAMING,
     run_case,
 )
 from fuzz.minimise import minimise
@@ -55,13 +52,7 @@ def test_regression_directory_is_not_empty() -> None:
 
 # Findings not fixed yet (their owner has the report): strict xfails, so a fix shows up as a failure here.
 # Name → (reason, pipelines in which it still fails).
-KNOWN_FAILURES = {
-    "checker-ValidationError-checker-py-check-model-5c7dd863": (
-        "passes/functions.py adds a Constant to a function body whose default-domain opset (17) differs from the "
-        "model's (21); onnx.checker rejects a function op whose schema differs between the two versions",
-        {API, STREAMING, LOWER_STANDALONE},
-    ),
-}
+KNOWN_FAILURES: dict[str, tuple[str, set[str]]] = {}
 
 
 @pytest.mark.usefixtures("small_streaming_thresholds")
