@@ -612,7 +612,10 @@ def create_staging(model: ir.Model, path: str | os.PathLike, *, external_data: b
 
 
 def _external_files(model: ir.Model) -> set[Path]:
-    return {
+    """Files ``model`` reads external data from, plus every file it was loaded from (even when folding dropped
+    the last tensor that read one, an in-place save must not write into it before the model is renamed)."""
+    loaded_from = {Path(file) for file in model.meta.get(SOURCE_FILES_META, ())}
+    return loaded_from | {
         Path(os.path.realpath(value.const_value.path))
         for graph in model.graphs()
         for value in graph.initializers.values()

@@ -236,14 +236,6 @@ def test_load_model_records_the_files_it_reads(tmp_path: Path) -> None:
     assert loaded.meta[SOURCE_FILES_META] == frozenset({source.resolve(), (tmp_path / DATA).resolve()})
 
 
-SAVE_SIDE_GAP = (
-    "bnfold/io.py create_staging avoids only data files the *folded* model still reads; once folding dropped "
-    "the last tensor read from the input's data file, the output's data file replaces it (input corrupted; "
-    "in place: before the model is renamed). It should also avoid model.meta[SOURCE_FILES_META]."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SAVE_SIDE_GAP)
 @pytest.mark.parametrize("in_place", [False, True], ids=["beside", "in_place"])
 def test_saved_external_data_never_replaces_a_file_the_model_reads(tmp_path: Path, in_place: bool) -> None:
     from bnfold import api, io
