@@ -40,3 +40,9 @@ class ProviderUnavailableError(BnfoldError):
     """A requested onnxruntime execution provider is not really available (``--require-provider``)."""
 
     exit_code = ExitCode.PROVIDER_UNAVAILABLE
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message with whitespace collapsed to one line (at most ``limit`` characters)."""
+    text = " ".join(str(error).split())
+    return text[:limit] if text else type(error).__name__

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from bnfold.errors import InvalidModelError, ProviderUnavailableError, UsageError
+from bnfold.errors import InvalidModelError, ProviderUnavailableError, UsageError, one_line
 from bnfold.validate import inputs as input_batches
 from bnfold.validate.metrics import TensorComparator, TensorMetrics
 from bnfold.validate.model_source import ModelInput, ModelSource, load_model_source
@@ -193,7 +193,7 @@ def _run_reference(model: ModelSource, batches: Sequence[Batch]) -> list[dict[st
     try:
         session = make_session(model, CPU)
     except Exception as error:  # onnxruntime raises several exception types
-        raise InvalidModelError(f"{model.label}: onnxruntime cannot load the original: {_one_line(error)}") from error
+        raise InvalidModelError(f"{model.label}: onnxruntime cannot load the original: {one_line(error)}") from error
     outputs = []
     for iteration, batch in enumerate(batches):
         try:
@@ -203,7 +203,7 @@ def _run_reference(model: ModelSource, batches: Sequence[Batch]) -> list[dict[st
         except Exception as error:
             shapes = ", ".join(f"{name}{list(array.shape)}" for name, array in batch.items())
             raise UsageError(
-                f"the original model fails on the inputs of iteration {iteration} ({shapes}): {_one_line(error)}; "
+                f"the original model fails on the inputs of iteration {iteration} ({shapes}): {one_line(error)}; "
                 "give shapes with --input-shapes NAME:D0,D1,... or --dim NAME=SIZE, or inputs with --load-inputs"
             ) from error
     return outputs
@@ -224,8 +224,8 @@ def _measure_provider(
         session = make_session(candidate_model, provider, cuda_tf32=cuda_tf32)
     except Exception as error:
         if provider != CPU:  # a provider whose libraries fail to load is absent, not a fold failure
-            return _unavailable(base, f"{provider} could not start: {_one_line(error)}", require_provider)
-        return dataclasses.replace(base, run_error=f"onnxruntime cannot load the candidate: {_one_line(error)}")
+            return _unavailable(base, f"{provider} could not start: {one_line(error)}", require_provider)
+        return dataclasses.replace(base, run_error=f"onnxruntime cannot load the candidate: {one_line(error)}")
     if not session.really_runs_on_requested:
         reason = f"{provider} was requested but the session runs on {', '.join(session.executed_providers)}"
         return _unavailable(base, reason, require_provider)
@@ -237,7 +237,7 @@ def _measure_provider(
     except UsageError:
         raise
     except Exception as error:
-        return dataclasses.replace(base, run_error=_one_line(error))
+        return dataclasses.replace(base, run_error=one_line(error))
     run = dataclasses.replace(base, outputs=_compare(output_names, reference_outputs, candidate_outputs))
     if provider != CPU:
         run = dataclasses.replace(
@@ -304,7 +304,7 @@ def _with_probes(
         references = [reference_session.run(batch, present) for batch in batches]
         candidates = [candidate_session.run(batch, present) for batch in batches]
     except Exception as error:
-        return dataclasses.replace(run, probe_note=f"probes could not be measured: {_one_line(error)}")
+        return dataclasses.replace(run, probe_note=f"probes could not be measured: {one_line(error)}")
     measured = _compare(present, references, candidates)
     probe_metrics = tuple(
         ProbeMetrics(label=probes[name], order=reference_order[name], metrics=metrics)
@@ -322,8 +322,3 @@ def _versions() -> dict[str, str]:
         "onnx": onnx.__version__,
         "numpy": np.__version__,
     }
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text[:500] if text else type(error).__name__
