@@ -108,7 +108,7 @@ def schema_version(opset: int) -> int:
         raise UsageError(f"opset must be a positive int, got {opset!r}")
     try:
         return int(onnx.defs.get_schema(OP_TYPE, int(opset)).since_version)
-    except onnx.defs.SchemaError as error:
+    except (onnx.defs.SchemaError, TypeError) as error:  # TypeError: a version beyond a C int
         raise UsageError(f"onnx {onnx.__version__} knows no BatchNormalization at opset {opset}") from error
 
 
