@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bnfold import api
+from bnfold.cli.arg_types import comma_list
 from bnfold.cli.verify_command import write_text
 from bnfold.errors import ExitCode, InvalidModelError
 from bnfold.report import FoldReport
@@ -26,16 +27,12 @@ NAME = "check"
 HELP = "list BatchNormalization nodes that could still be folded; exit 1 if any (for pre-commit and CI)"
 
 
-def _comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL", help="ONNX models to check")
     parser.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH ('-' for stdout)")
     parser.add_argument("--junit-xml", metavar="PATH", help="write JUnit XML (one testcase per model)")
-    parser.add_argument("--only", type=_comma_list, metavar="RULES", help="comma-separated rules to consider")
-    parser.add_argument("--skip", type=_comma_list, metavar="RULES", help="comma-separated rules to ignore")
+    parser.add_argument("--only", type=comma_list, metavar="RULES", help="comma-separated rules to consider")
+    parser.add_argument("--skip", type=comma_list, metavar="RULES", help="comma-separated rules to ignore")
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
 
 

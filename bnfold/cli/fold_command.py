@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from bnfold import batch, io, streaming
+from bnfold.cli.arg_types import comma_list, positive_int
 from bnfold.cli.render import human_bytes, render_fold_records, render_fold_summary
 from bnfold.errors import ExitCode, UsageError
 from bnfold.passes import rule_names
@@ -39,20 +40,6 @@ except ImportError:  # pragma: no cover - only without the validation package
 PROGRESS_AFTER_SECONDS = 1.0
 
 
-def _comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
@@ -63,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="output path (default: <stem>.folded.onnx beside the input)")
     parser.add_argument("--in-place", action="store_true", help="replace the input file(s) (atomically)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH ('-' for stdout)")
-    parser.add_argument("--only", type=_comma_list, metavar="RULES", help="comma-separated rules to apply")
-    parser.add_argument("--skip", type=_comma_list, metavar="RULES", help="comma-separated rules not to apply")
+    parser.add_argument("--only", type=comma_list, metavar="RULES", help="comma-separated rules to apply")
+    parser.add_argument("--skip", type=comma_list, metavar="RULES", help="comma-separated rules not to apply")
     parser.add_argument("--list-rules", action="store_true", help="print the rule names and exit")
     parser.add_argument(
         "--lower-standalone",
@@ -81,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-j",
         "--jobs",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="batch mode: fold N models at a time in worker processes (default: the number of CPUs)",
     )

@@ -18,6 +18,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from bnfold.cli.arg_types import positive_int
 from bnfold.errors import ExitCode
 from bnfold.validate import (
     DEFAULT_ITERATIONS,
@@ -42,16 +43,6 @@ def _provider_list(text: str) -> tuple[str, ...]:
     if not names:
         raise argparse.ArgumentTypeError("expected a comma-separated list such as cpu,cuda")
     return names
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -127,7 +118,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (default: 0)")
     group.add_argument(
         "--iterations",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_ITERATIONS,
         help=f"input batches to compare (default: {DEFAULT_ITERATIONS}; dynamic dims alternate two sizes)",
     )
