@@ -6,6 +6,7 @@ Public API (each name is imported lazily so that ``import bnfold`` stays light):
 - :func:`verify` — run original and candidate in onnxruntime and compare (``bnfold.validate``).
 - :func:`check` — which BatchNormalization nodes could still be folded (a CI gate).
 - :func:`lower_training` — rewrite training-mode BatchNormalization into primitive ops (``bnfold.training``).
+- :func:`recalibrate` — re-estimate BN running statistics from data before folding (``bnfold.recalibration``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ _LAZY = {
     "verify": "bnfold.validate",
     "VerifyReport": "bnfold.validate",
     "lower_training": "bnfold.training",
+    "recalibrate": "bnfold.recalibration",
+    "RecalibrationReport": "bnfold.recalibration",
 }
 
 __all__ = ["__version__", *_LAZY]

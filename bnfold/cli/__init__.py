@@ -25,6 +25,7 @@ COMMAND_MODULES: dict[str, str] = {
     "check": "check_command",
     "lower-training": "training_command",
     "doctor": "doctor_command",
+    "recalibrate": "recalibrate_command",
 }
 
 EXIT_CODES_EPILOG = """exit codes:
