@@ -90,29 +90,41 @@ def finish_loading(model: ir.Model, base_dir: Path | None, *, source: object) ->
       and :func:`check_model_proto` refused cycles, but out-of-order files exist and passes (``clone``,
       shape inference) assume the order.
     """
-    if base_dir is not None:
-        ir.external_data.set_base_dir(model.graph, os.fspath(base_dir))
+    graphs = list(model.graphs())  # (one walk: ``model.graphs()`` visits every node)
+    # Base directories are set as ``ir.external_data.set_base_dir(model.graph, base)`` does, in these walks.
+    base = os.fspath(base_dir) if base_dir is not None else None
     try:
         model.graph.sort()
     except Exception as error:  # a cycle check_model_proto did not see (through a subgraph)
         raise InvalidModelError(f"{source}: the graph cannot be ordered ({one_line(error)})") from error
-    source_files = {Path(os.path.realpath(source))} if isinstance(source, (str, os.PathLike)) else set()
-    for graph in model.graphs():
+    data_paths: set[str] = set()
+    for graph in graphs:
         for value in graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
-                source_files.add(Path(os.path.realpath(tensor.path)))
+                if base is not None:
+                    tensor.base_dir = base
+                data_paths.add(tensor.path)
                 if tensor.dtype.bitwidth == 6:
                     _in_memory(tensor, source)  # FLOAT6 data must have zero padding bits: validate now
-    bodies: list[ir.Graph | ir.Function] = [*model.graphs(), *model.functions.values()]
+    source_files = {Path(os.path.realpath(path)) for path in data_paths}
+    if isinstance(source, (str, os.PathLike)):
+        source_files.add(Path(os.path.realpath(source)))
+    bodies: list[ir.Graph | ir.Function] = [*graphs, *model.functions.values()]
     for body in bodies:
+        in_graph = base is not None and not isinstance(body, ir.Function)
         for node in body:
             for name, attribute in list(node.attributes.items()):
                 if attribute.type == ir.AttributeType.TENSOR and isinstance(attribute.value, ir.ExternalTensor):
+                    if in_graph:
+                        attribute.value.base_dir = base
                     node.attributes[name] = ir.AttrTensor(name, _in_memory(attribute.value, source))
                 elif attribute.type == ir.AttributeType.TENSORS and any(
                     isinstance(tensor, ir.ExternalTensor) for tensor in attribute.value
                 ):
+                    for tensor in attribute.value if in_graph else ():
+                        if isinstance(tensor, ir.ExternalTensor):
+                            tensor.base_dir = base
                     tensors = [_in_memory(tensor, source) for tensor in attribute.value]
                     node.attributes[name] = ir.AttrTensors(name, tensors)
     model.meta[SOURCE_FILES_META] = frozenset(source_files)
@@ -220,12 +232,13 @@ def _external_files(model: ir.Model) -> set[Path]:
     """Files ``model`` reads external data from, plus every file it was loaded from (even when folding dropped
     the last tensor that read one, an in-place save must not write into it before the model is renamed)."""
     loaded_from = {Path(file) for file in model.meta.get(SOURCE_FILES_META, ())}
-    return loaded_from | {
-        Path(os.path.realpath(value.const_value.path))
+    paths = {
+        value.const_value.path
         for graph in model.graphs()
         for value in graph.initializers.values()
         if isinstance(value.const_value, ir.ExternalTensor)
     }
+    return loaded_from | {Path(os.path.realpath(path)) for path in paths}
 
 
 def _is_data_name_for(path: Path, name: str) -> bool:

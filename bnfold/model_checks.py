@@ -7,6 +7,7 @@ refuses external-data references that escape the model's directory or point past
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -55,16 +56,29 @@ def check_model_proto(proto: onnx.ModelProto, *, source: object) -> None:
 def _invalid_text_field(message) -> str | None:
     """The full name of a ``string`` field holding bytes that are not UTF-8 (protobuf hands those as bytes)."""
     for field, value in message.ListFields():
-        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-        items = value if repeated else (value,)
-        if field.type == field.TYPE_STRING and any(isinstance(item, bytes) for item in items):
-            return field.full_name
-        if field.type == field.TYPE_MESSAGE:
-            for item in items:
+        is_string, is_message, repeated = _field_kinds.get(field) or _field_kind(field)
+        if is_string:
+            if any(type(item) is bytes for item in value) if repeated else type(value) is bytes:
+                return field.full_name
+        elif is_message:
+            for item in value if repeated else (value,):
                 found = _invalid_text_field(item)
                 if found is not None:
                     return found
     return None
+
+
+_field_kinds: dict[object, tuple[bool, bool, bool]] = {}
+
+
+def _field_kind(field) -> tuple[bool, bool, bool]:
+    """(is a string, is a message, is repeated) of a protobuf field descriptor, computed once per descriptor."""
+    kind = _field_kinds.get(field)
+    if kind is None:
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        kind = (field.type == field.TYPE_STRING, field.type == field.TYPE_MESSAGE, repeated)
+        _field_kinds[field] = kind
+    return kind
 
 
 def _opset_versions(imports, where: str) -> dict[str, int]:
@@ -189,14 +203,42 @@ def _check_acyclic(nodes, where: str) -> None:
         raise InvalidModelError(f"{where}: the graph has a cycle through node {stuck.name!r} ({stuck.op_type})")
 
 
-_schema_cache: dict[tuple[str, str, int], object] = {}
+@dataclasses.dataclass(frozen=True)
+class _SchemaSummary:
+    """What :func:`_check_node_against_schema` needs from an ``OpSchema``, read once per (op, domain, version).
+
+    ``onnx.defs.OpSchema``'s properties build new Python lists and dicts on every access, which cost more than
+    the checks themselves on graphs of many small nodes.
+    """
+
+    inputs: tuple[int, int]  # min, max count
+    outputs: tuple[int, int]
+    required_inputs: tuple[str | None, ...]  # per formal: its name when it is a single (required) parameter
+    required_outputs: tuple[str | None, ...]
+    attribute_types: dict[str, tuple[int, str]]  # name → (AttributeProto type, its name)
+
+    @classmethod
+    def of(cls, schema: onnx.defs.OpSchema) -> _SchemaSummary:
+        single = onnx.defs.OpSchema.FormalParameterOption.Single
+        return cls(
+            inputs=(schema.min_input, schema.max_input),
+            outputs=(schema.min_output, schema.max_output),
+            required_inputs=tuple(formal.name if formal.option == single else None for formal in schema.inputs),
+            required_outputs=tuple(formal.name if formal.option == single else None for formal in schema.outputs),
+            attribute_types={
+                name: (int(declared.type.value), declared.type.name) for name, declared in schema.attributes.items()
+            },
+        )
 
 
-def _schema(op_type: str, domain: str, version: int):
+_schema_cache: dict[tuple[str, str, int], _SchemaSummary | None] = {}
+
+
+def _schema(op_type: str, domain: str, version: int) -> _SchemaSummary | None:
     key = (op_type, domain, min(version, _MAX_SCHEMA_VERSION))
     if key not in _schema_cache:
         try:
-            _schema_cache[key] = onnx.defs.get_schema(op_type, key[2], domain)
+            _schema_cache[key] = _SchemaSummary.of(onnx.defs.get_schema(op_type, key[2], domain))
         except (onnx.defs.SchemaError, TypeError, ValueError):
             _schema_cache[key] = None
     return _schema_cache[key]
@@ -215,22 +257,31 @@ def _check_node_against_schema(node: onnx.NodeProto, opsets: dict[str, int], whe
     schema = _schema(node.op_type, domain, version) if version is not None and node.op_type else None
     if schema is None:
         return  # unknown op, custom domain or opset newer than this onnx: nothing to check against
-    what = f"{where}: node {node.name!r} ({node.op_type}, opset {version})"
-    for kind, names, formals, low, high in (
-        ("inputs", node.input, schema.inputs, schema.min_input, schema.max_input),
-        ("outputs", node.output, schema.outputs, schema.min_output, schema.max_output),
+    for kind, names, (low, high), required in (
+        ("inputs", node.input, schema.inputs, schema.required_inputs),
+        ("outputs", node.output, schema.outputs, schema.required_outputs),
     ):
         if not low <= len(names) <= high:
-            raise InvalidModelError(f"{what} has {len(names)} {kind}, expected {low}..{high}")
+            raise InvalidModelError(
+                f"{_node_label(node, version, where)} has {len(names)} {kind}, expected {low}..{high}"
+            )
         # A required (single) input or output may not be left out with an empty name.
-        for name, formal in zip(names, formals, strict=False):
-            if not name and formal.option == onnx.defs.OpSchema.FormalParameterOption.Single:
-                raise InvalidModelError(f"{what}: required {kind[:-1]} {formal.name!r} is empty")
+        for name, formal in zip(names, required, strict=False):
+            if not name and formal is not None:
+                raise InvalidModelError(
+                    f"{_node_label(node, version, where)}: required {kind[:-1]} {formal!r} is empty"
+                )
     for attribute in node.attribute:
-        declared = schema.attributes.get(attribute.name)
-        if declared is not None and not attribute.ref_attr_name and int(declared.type.value) != attribute.type:
+        declared = schema.attribute_types.get(attribute.name)
+        if declared is not None and not attribute.ref_attr_name and declared[0] != attribute.type:
             actual = onnx.AttributeProto.AttributeType.Name(attribute.type)
-            raise InvalidModelError(f"{what} attribute {attribute.name!r} is {actual}, expected {declared.type.name}")
+            raise InvalidModelError(
+                f"{_node_label(node, version, where)} attribute {attribute.name!r} is {actual}, expected {declared[1]}"
+            )
+
+
+def _node_label(node: onnx.NodeProto, version: int, where: str) -> str:
+    return f"{where}: node {node.name!r} ({node.op_type}, opset {version})"
 
 
 # Which typed field may hold a data type's values, and how many elements one entry of that field holds.
@@ -246,21 +297,23 @@ _INT32_FIELD_TYPES = frozenset(
 )
 
 
+_DATA_TYPES = {int(dtype): dtype for dtype in ir.DataType}
+
+
 def tensor_dtype_and_size(tensor: onnx.TensorProto, where: str) -> tuple[ir.DataType, int]:
     """The tensor's data type and element count; refuse unknown types, negative dims and unrepresentable shapes.
 
     numpy refuses a shape whose non-zero dims need more than 2**63 bytes, even when another dim is 0.
     """
-    try:
-        dtype = ir.DataType(tensor.data_type)
-    except ValueError as error:
-        raise InvalidModelError(f"{where}: unknown data type {tensor.data_type}") from error
+    dtype = _DATA_TYPES.get(tensor.data_type)
+    if dtype is None:
+        raise InvalidModelError(f"{where}: unknown data type {tensor.data_type}")
     if dtype == ir.DataType.UNDEFINED:
         raise InvalidModelError(f"{where}: data type is UNDEFINED")
-    if any(dim < 0 for dim in tensor.dims):
-        raise InvalidModelError(f"{where}: negative dimension in shape {list(tensor.dims)}")
     count, extent = 1, 16  # extent: bytes of the non-zero dims at 16 bytes per element (complex128, the widest)
     for dim in tensor.dims:
+        if dim < 0:
+            raise InvalidModelError(f"{where}: negative dimension in shape {list(tensor.dims)}")
         count *= dim
         extent *= max(dim, 1)
     if extent >= 2**63:

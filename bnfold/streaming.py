@@ -43,7 +43,7 @@ import onnx_ir as ir
 from bnfold import io
 from bnfold.errors import InvalidModelError, UsageError
 from bnfold.passes import FoldBatchNormPass
-from bnfold.report import FoldReport
+from bnfold.report import BatchNormRecord, FoldReport
 
 # Main-graph initializers at least this large are read lazily from a self-contained file.
 LAZY_TENSOR_BYTES = 64 * 1024
@@ -496,17 +496,23 @@ def _stream_self_contained(proto: onnx.ModelProto, streamed: list[ir.TensorProto
     """Write ``proto`` with the placeholder initializers filled by ``streamed`` tensors' raw bytes."""
     kept: list[onnx.TensorProto] = []
     headers: list[tuple[bytes, ir.TensorProtocol]] = []
-    for tensor_proto in proto.graph.initializer:
+    for tensor_proto in proto.graph.initializer if streamed else ():
+        if tensor_proto.data_location != onnx.TensorProto.EXTERNAL:
+            kept.append(tensor_proto)
+            continue
         entries = {entry.key: entry.value for entry in tensor_proto.external_data}
-        if tensor_proto.data_location != onnx.TensorProto.EXTERNAL or entries.get("location") != _PLACEHOLDER:
+        if entries.get("location") != _PLACEHOLDER:
             kept.append(tensor_proto)
             continue
         source = streamed[int(entries["offset"])]
         tensor_proto.ClearField("external_data")
         tensor_proto.ClearField("data_location")
         headers.append((tensor_proto.SerializeToString(), source))
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
+    if streamed:  # (without streamed tensors the initializers keep their order)
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+    else:
+        kept = list(proto.graph.initializer)
     _order_value_info_like_initializers(proto.graph, [*(t.name for t in kept), *(s.name for s in streamed)])
     graph_head = proto.graph.SerializeToString()
     proto.ClearField("graph")
@@ -546,9 +552,8 @@ def _stream_self_contained(proto: onnx.ModelProto, streamed: list[ir.TensorProto
 class _SpillingFoldPass(FoldBatchNormPass):
     """The fold pass, with each folded tensor moved to ``data`` right after its BatchNormalization folds.
 
-    Only the nodes next to the folded BN are looked at (:func:`_neighbours`), so the extra work is constant
-    per BN. A folded tensor elsewhere is still written correctly, by :func:`write_model` at the end.
-    Hooks into ``FoldBatchNormPass._fold_one(node, ...)``, which returns the BN's record.
+    Uses the pass's public ``on_folded`` hook: only the nodes the fold rewrote are looked at, so the extra
+    work is constant per BN. A folded tensor elsewhere is still written correctly, by :func:`write_model`.
     """
 
     def __init__(
@@ -559,47 +564,29 @@ class _SpillingFoldPass(FoldBatchNormPass):
         skip: Iterable[str] | None,
         lower_standalone: bool = False,
     ) -> None:
-        super().__init__(only=only, skip=skip, lower_standalone=lower_standalone)
+        super().__init__(only=only, skip=skip, lower_standalone=lower_standalone, on_folded=self._spill)
         self._data = data
 
-    def _fold_one(self, node: ir.Node, *args: object):  # type: ignore[override]
-        neighbours = _neighbours(node)
-        record = super()._fold_one(node, *args)
-        if getattr(record, "folded", False):
-            for neighbour in neighbours:
-                self._spill_inputs(neighbour)
-        return record
-
-    def _spill_inputs(self, node: ir.Node) -> None:
-        if node.graph is None:
-            return
-        for value in node.inputs:
-            tensor = value.const_value if value is not None and value.is_initializer() else None
-            if type(tensor) is ir.Tensor and tensor.nbytes >= io.EXTERNAL_DATA_THRESHOLD_BYTES:
-                value.const_value = self._data.store(tensor)
-
-
-def _neighbours(node: ir.Node) -> list[ir.Node]:
-    """The nodes a fold of BN ``node`` may rewrite: the consumers of its output, the producer of its input, and
-    that producer's producers (a fold through ``Add`` rewrites the node behind it). Constant work per BN."""
-    found: list[ir.Node] = []
-    if node.outputs and node.outputs[0] is not None:
-        found.extend(use.node for use in node.outputs[0].uses())
-    producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
-    if producer is not None:
-        found.append(producer)
-        found.extend(value.producer() for value in producer.inputs if value is not None and value.producer())
-    return found
+    def _spill(self, record: BatchNormRecord, rewritten: tuple[ir.Node, ...]) -> None:
+        for node in rewritten:
+            if node.graph is None:
+                continue
+            for value in node.inputs:
+                tensor = value.const_value if value is not None and value.is_initializer() else None
+                if type(tensor) is ir.Tensor and tensor.nbytes >= io.EXTERNAL_DATA_THRESHOLD_BYTES:
+                    value.const_value = self._data.store(tensor)
 
 
 def _reads_other_files(model: ir.Model, path: Path) -> bool:
     """Whether ``model`` has external data in files other than ``path`` (a lazily read self-contained model)."""
-    itself = os.path.realpath(path)
-    return any(
-        isinstance(value.const_value, ir.ExternalTensor) and os.path.realpath(value.const_value.path) != itself
+    paths = {
+        value.const_value.path
         for graph in model.graphs()
         for value in graph.initializers.values()
-    )
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    itself = os.path.realpath(path)
+    return any(os.path.realpath(file) != itself for file in paths)
 
 
 @dataclasses.dataclass

@@ -11,6 +11,7 @@ from bnfold.passes.decompose_training import DecomposeTrainingBatchNorm
 from bnfold.passes.fold_batch_norm import (
     DEFAULT_RULES,
     FoldBatchNormPass,
+    FoldedCallback,
     FoldResult,
     count_nodes,
     rule_names,
@@ -24,6 +25,7 @@ __all__ = [
     "DecomposeTrainingBatchNorm",
     "FoldBatchNormPass",
     "FoldResult",
+    "FoldedCallback",
     "LowerStandaloneBatchNormPass",
     "Skip",
     "SkipReason",

@@ -67,7 +67,7 @@ class ConvRule:
         per_row = affine.scale.reshape((-1,) + (1,) * (weight.ndim - 1))
         return FoldPlan(
             updates=(
-                TensorUpdate(producer, 1, np.multiply(weight, per_row, dtype=np.float64), dtype, weight_value.name),
+                TensorUpdate(producer, 1, weight, dtype, weight_value.name, row_scale=per_row),
                 fold_output_channel_bias(producer, bias, affine, dtype, weight_value.name),
             )
         )

@@ -27,7 +27,7 @@ arguments are then folded per call site by specialisation (:mod:`~bnfold.passes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -96,11 +96,22 @@ __all__ = [
     "DEFAULT_RULES",
     "FoldBatchNormPass",
     "FoldResult",
+    "FoldedCallback",
     "count_nodes",
     "iter_graphs",
     "rule_names",
     "select_rules",
 ]
+
+
+FoldedCallback = Callable[[BatchNormRecord, tuple[ir.Node, ...]], None]
+"""``on_folded(record, rewritten)``: called once per folded BN, right after the graph changed.
+
+``record`` is the BN's ``FOLDED`` record; ``rewritten`` are the nodes whose inputs the fold replaced (the
+producer or forward consumer, and the ``Add`` whose constant became the residual shift), each once, in the
+order they were written. The callback may replace the ``const_value`` of those inputs by an equal tensor
+(e.g. move it to external data) but must not change the graph's structure.
+"""
 
 
 def rule_names(rules: Sequence[AnyRule] = DEFAULT_RULES) -> tuple[str, ...]:
@@ -151,6 +162,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         lower_standalone: replace every BN that no rule folds by ``Mul`` + ``Add``.
         specialise_functions: fold BNs of model-local functions per call site when their weights arrive as
             constant call arguments (see :mod:`bnfold.passes.functions`).
+        on_folded: a :data:`FoldedCallback` called after each BN folds (e.g. to write the folded tensors out
+            at once and release their memory); constant work per BN.
     """
 
     def __init__(
@@ -161,6 +174,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         rules: Sequence[AnyRule] = DEFAULT_RULES,
         lower_standalone: bool = False,
         specialise_functions: bool = True,
+        on_folded: FoldedCallback | None = None,
     ) -> None:
         super().__init__()
         enabled = select_rules(rules, only, skip)
@@ -170,6 +184,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.enabled_forward = {rule.op_type: rule for rule in enabled if isinstance(rule, ForwardFoldRule)}
         self.lower_standalone = lower_standalone
         self.specialise_functions = specialise_functions
+        self.on_folded = on_folded
         self.report: FoldReport | None = None
         self._constants: ConstantResolver | None = None
         self._writer: TensorWriter | None = None
@@ -216,14 +231,17 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 attempt = forward
         record = _describe(record, attempt)
         if attempt.skip is None:
-            self._apply(node, attempt)
+            rewritten = self._apply(node, attempt)
             where = "consuming" if attempt.forward else "into"
             detail = f"folded {where} {attempt.neighbour.op_type} {attempt.neighbour.name!r}"
             if attempt.add is not None:
                 detail += f" through Add {attempt.add.node.name!r}"
             if attempt.forward:
                 record = dataclasses.replace(record, output=attempt.neighbour.outputs[0].name)
-            return with_scale(dataclasses.replace(record, status=FoldStatus.FOLDED, detail=detail), affine)
+            record = with_scale(dataclasses.replace(record, status=FoldStatus.FOLDED, detail=detail), affine)
+            if self.on_folded is not None:
+                self.on_folded(record, rewritten)
+            return record
         skip = attempt.skip
         if self.lower_standalone:
             try:
@@ -246,15 +264,18 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             reference = attribute_reference(producer)
             if reference is not None:
                 raise Skip(SkipReason.ATTRIBUTE_IS_REFERENCE, f"attribute {reference!r} of {producer.op_type}")
-            attempt.rank = rule.output_rank(producer, self._constants)
             if attempt.add is not None:
+                attempt.rank = rule.output_rank(producer, self._constants)
                 if attempt.rank is None:
                     attempt.rank = self._constants.rank(attempt.add.runtime_value)
                 if attempt.rank is None:
                     raise Skip(SkipReason.RANK_UNKNOWN, f"the rank of {producer.op_type}'s output is unknown")
                 added = per_channel_vector(attempt.add.constant, attempt.rank, affine.channels)
                 affine = absorb_added_constant(affine, added)
-            self._plan(attempt, producer, rule.plan(producer, affine, self._constants))
+            plan = rule.plan(producer, affine, self._constants)
+            if plan.residual_shift is not None and attempt.add is None:  # the rank is needed only for a shift
+                attempt.rank = rule.output_rank(producer, self._constants)
+            self._plan(attempt, producer, plan)
         except Skip as skip:
             attempt.skip = skip
         return attempt
@@ -316,7 +337,9 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     def _plan(attempt: _Attempt, neighbour: ir.Node, plan: FoldPlan) -> None:
         """Cast every planned tensor once (any overflow skips before the graph changes)."""
         attempt.casts = tuple(
-            cast_checked(update.values, update.dtype, f"input {update.input_index} of {neighbour.op_type}")
+            cast_checked(
+                update.values, update.dtype, f"input {update.input_index} of {neighbour.op_type}", update.row_scale
+            )
             for update in plan.updates
         )
         if plan.residual_shift is not None:
@@ -326,20 +349,24 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             attempt.residual = cast_checked(plan.residual_shift.reshape(shape), plan.residual_dtype, "shift")
         attempt.plan = plan
 
-    def _apply(self, node: ir.Node, attempt: _Attempt) -> None:
+    def _apply(self, node: ir.Node, attempt: _Attempt) -> tuple[ir.Node, ...]:
+        """Change the graph as ``attempt`` planned; return the nodes whose inputs were rewritten, each once."""
         writer, plan = self._writer, attempt.plan
+        rewritten: dict[int, ir.Node] = {}
         for update, data in zip(plan.updates, attempt.casts, strict=True):
             writer.write(update, data)
+            rewritten.setdefault(id(update.node), update.node)
         for attribute_update in plan.attributes:
             attribute_update.node.attributes[attribute_update.attribute.name] = attribute_update.attribute
         writer.maybe_orphaned.extend(value for value in node.inputs[1:] if value is not None)
         if attempt.forward:
             remove_batch_norm_before(node, attempt.neighbour)
-            return
+            return tuple(rewritten.values())
         add, hint = attempt.add, f"{node.outputs[0].name}_shift"
         if add is not None and attempt.residual is not None:
             update = TensorUpdate(add.node, add.constant_index, attempt.residual, plan.residual_dtype, hint)
             writer.write(update, attempt.residual)
+            rewritten.setdefault(id(add.node), add.node)
             bypass_batch_norm(node)
         elif add is not None:
             writer.maybe_orphaned.append(add.node.inputs[add.constant_index])
@@ -350,6 +377,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             replace_with_channel_affine(node, None, shift, writer.names)
         else:
             bypass_batch_norm(node)
+        return tuple(rewritten.values())
 
 
 def _check_readers(value: ir.Value, reader: ir.Node, producer: ir.Node) -> None:

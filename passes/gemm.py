@@ -85,7 +85,7 @@ class GemmRule:
         bias_hint = producer.inputs[2].name if has_bias else f"{weight_value.name}_C"
         return FoldPlan(
             updates=(
-                TensorUpdate(producer, 1, np.multiply(weight, per_feature, dtype=np.float64), dtype, weight_value.name),
+                TensorUpdate(producer, 1, weight, dtype, weight_value.name, row_scale=per_feature),
                 TensorUpdate(producer, 2, bias * affine.scale + affine.shift, dtype, bias_hint),
             ),
             attributes=(AttributeUpdate(producer, ir.Attr("beta", ir.AttributeType.FLOAT, 1.0)),),

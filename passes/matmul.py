@@ -27,7 +27,6 @@ Preconditions (each failure is a named :class:`~bnfold.passes.reasons.SkipReason
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from bnfold.passes.affine import Affine
@@ -67,11 +66,7 @@ class MatMulRule:
             )
         channel_count_matches(affine, weight.shape[1], producer)
         return FoldPlan(
-            updates=(
-                TensorUpdate(
-                    producer, 1, np.multiply(weight, affine.scale, dtype=np.float64), dtype, weight_value.name
-                ),
-            ),
+            updates=(TensorUpdate(producer, 1, weight, dtype, weight_value.name, row_scale=affine.scale),),
             residual_shift=affine.shift,
             residual_dtype=dtype,
         )

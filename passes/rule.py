@@ -14,6 +14,7 @@ Two kinds of rules exist:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Protocol, runtime_checkable
 
 import ml_dtypes
@@ -29,13 +30,26 @@ FOLDABLE_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.
 
 @dataclasses.dataclass(frozen=True)
 class TensorUpdate:
-    """Replace input ``input_index`` of ``node`` with ``values`` (float64), stored as ``dtype``."""
+    """Replace input ``input_index`` of ``node`` with the planned tensor, stored as ``dtype``.
+
+    The planned tensor is ``values`` (float64), or, when ``row_scale`` is given, the float64 product
+    ``values · row_scale`` (numpy broadcasting; ``row_scale`` is float64). The product is left to the driver,
+    which computes it block by block while casting (:func:`cast_checked`), so a large weight never exists
+    as a whole float64 array; :meth:`planned` materialises it.
+    """
 
     node: ir.Node
     input_index: int
     values: np.ndarray
     dtype: ir.DataType
     name_hint: str
+    row_scale: np.ndarray | None = None
+
+    def planned(self) -> np.ndarray:
+        """The planned tensor in float64."""
+        if self.row_scale is None:
+            return self.values
+        return np.multiply(self.values, self.row_scale, dtype=np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,24 +117,76 @@ def weight_dtype(value: ir.Value, array: np.ndarray) -> ir.DataType:
     return dtype
 
 
-def cast_checked(values: np.ndarray, dtype: ir.DataType, what: str) -> np.ndarray:
-    """Cast float64 ``values`` to ``dtype`` once; ``Skip`` if any is non-finite or beyond the dtype's range.
+# Bytes of float64 work per block of a blocked product: fits in L2 with its source and destination rows.
+BLOCK_BYTES = 1 << 20
 
-    Two read-only reductions (``max``, ``min``; NaN propagates through both) replace ``isfinite`` + ``abs``,
-    which each wrote a temporary as large as ``values``.
+
+def cast_checked(values: np.ndarray, dtype: ir.DataType, what: str, row_scale: np.ndarray | None = None) -> np.ndarray:
+    """Cast float64 ``values`` (or the float64 product ``values · row_scale``) to ``dtype`` once.
+
+    Raises ``Skip`` if any value is non-finite or beyond the dtype's range. Two read-only reductions
+    (``max``, ``min``; NaN propagates through both) replace ``isfinite`` + ``abs``, which each wrote a
+    temporary as large as ``values``. With ``row_scale``, see :func:`cast_scaled_checked`.
     """
+    if row_scale is not None:
+        return cast_scaled_checked(values, row_scale, dtype, what)
     high, low = (float(values.max()), float(values.min())) if values.size else (0.0, 0.0)
+    _check_range(high, low, dtype, what)
+    return values.astype(dtype.numpy())
+
+
+def cast_scaled_checked(values: np.ndarray, row_scale: np.ndarray, dtype: ir.DataType, what: str) -> np.ndarray:
+    """``(values · row_scale).astype(dtype)`` with the range checks of :func:`cast_checked`, computed blockwise.
+
+    The product is computed in float64 for blocks of leading-axis rows (about ``BLOCK_BYTES`` each) into one
+    reused buffer, checked and cast into the preallocated result, so the float64 product stays in cache and
+    is never allocated whole. Every element goes through the same float64 multiply and the same single cast
+    as ``np.multiply(values, row_scale, dtype=np.float64).astype(dtype)``: the result is bit-identical.
+    ``row_scale`` broadcasts onto ``values``; a ``row_scale`` of full rank with a leading dimension other
+    than 1 is sliced along with the rows.
+    """
+    if values.size * 8 <= BLOCK_BYTES or np.broadcast_shapes(values.shape, row_scale.shape) != values.shape:
+        return cast_checked(np.multiply(values, row_scale, dtype=np.float64), dtype, what)
+    row_bytes = 8 * (values.size // values.shape[0])
+    rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    slice_scale = row_scale.ndim == values.ndim and row_scale.shape[0] != 1
+    result = np.empty(values.shape, dtype=dtype.numpy())
+    buffer = np.empty((min(rows, values.shape[0]), *values.shape[1:]), dtype=np.float64)
+    limit = _finfo_max(dtype)
+    high, low = -np.inf, np.inf
+    for start in range(0, values.shape[0], rows):
+        stop = min(start + rows, values.shape[0])
+        block = buffer[: stop - start]
+        scale = row_scale[start:stop] if slice_scale else row_scale
+        np.multiply(values[start:stop], scale, out=block, dtype=np.float64)
+        block_high, block_low = float(block.max()), float(block.min())
+        if np.isnan(block_high) or np.isnan(block_low):
+            high = low = float("nan")  # (Python's max/min would drop a NaN)
+            break
+        high, low = max(high, block_high), min(low, block_low)
+        if max(high, -low) <= limit:  # past the limit: only the range is still needed (for the message)
+            result[start:stop] = block
+    _check_range(high, low, dtype, what)
+    return result
+
+
+@functools.cache
+def _finfo_max(dtype: ir.DataType) -> float:
+    """The largest finite value of float ``dtype``."""
+    return float(ml_dtypes.finfo(dtype.numpy()).max)
+
+
+def _check_range(high: float, low: float, dtype: ir.DataType, what: str) -> None:
+    """``Skip`` unless ``low..high`` is finite and within ``dtype``'s range."""
     if not (np.isfinite(high) and np.isfinite(low)):
         raise Skip(SkipReason.FOLDED_WEIGHTS_NOT_FINITE, f"folded {what} would contain NaN or Inf")
-    target = dtype.numpy()
-    limit = float(ml_dtypes.finfo(target).max)
+    limit = _finfo_max(dtype)
     largest = max(high, -low)
     if largest > limit:
         raise Skip(
             SkipReason.FOLDED_WEIGHTS_OVERFLOW,
             f"folded {what} reaches {largest:.6g}, beyond the {dtype.name} maximum {limit:.6g}",
         )
-    return values.astype(target)
 
 
 def channel_count_matches(affine: Affine, channels: int, producer: ir.Node) -> None:
