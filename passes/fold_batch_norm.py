@@ -2,7 +2,8 @@
 
 For each BN node (main graph, every If/Loop/Scan body, every model-local function body; in graph order):
 
-1. inference mode, per-channel statistics, no function-attribute references
+1. in a function body, an opset where ``Constant`` has the model's schema (``FUNCTION_OPSET_DIFFERS``);
+   inference mode, per-channel statistics, no function-attribute references
    (:func:`~bnfold.passes.scopes.inference_affine`);
 2. constant 1-D parameters → float64 :class:`~bnfold.passes.affine.Affine`, finite;
 3. **backward**: the producer of BN's input — directly, or through ``Add(constant)``
