@@ -22,6 +22,7 @@ from rich.text import Text
 
 from bnfold import batch, io, streaming
 from bnfold.cli.arg_types import comma_list, positive_int
+from bnfold.cli.output_paths import check_output_path
 from bnfold.cli.render import human_bytes, render_fold_records, render_fold_summary
 from bnfold.errors import ExitCode, UsageError
 from bnfold.passes import rule_names
@@ -91,10 +92,7 @@ def resolve_output(args: argparse.Namespace) -> Path:
             raise UsageError("--in-place and --output are mutually exclusive")
         return source
     output = Path(args.output) if args.output else default_output_path(source)
-    if output.exists() and source.exists() and os.path.samefile(output, source):
-        raise UsageError(f"{output}: the output would overwrite the input (use --in-place to mean it)")
-    if output.is_dir():
-        raise UsageError(f"{output}: is a directory; give a file path")
+    check_output_path(source, output, " (use --in-place to mean it)")
     return output
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bnfold import io
+from bnfold.cli.output_paths import check_output_path
 from bnfold.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:  # the API imports onnxruntime: keep `bnfold --help` light
@@ -65,13 +65,7 @@ def _output_path(args: argparse.Namespace, source: Path) -> Path:
     if args.output is None:
         raise UsageError("give -o/--output OUT (or --in-place to overwrite the model)")
     output = Path(args.output)
-    same = output.resolve() == source.resolve() or (
-        output.exists() and source.exists() and os.path.samefile(output, source)
-    )
-    if same:
-        raise UsageError(f"{output}: the output would overwrite the input; pass --in-place to allow it")
-    if output.is_dir():
-        raise UsageError(f"{output}: is a directory; give a file path")
+    check_output_path(source, output, "; pass --in-place to allow it")
     return output
 
 

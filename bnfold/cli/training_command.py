@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from bnfold import io
-from bnfold.errors import ExitCode, UsageError
+from bnfold.cli.output_paths import check_output_path
+from bnfold.errors import ExitCode
 from bnfold.training.lowering import lower_training
 
 NAME = "lower-training"
@@ -26,19 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
 
 
-def _check_output(source: Path, output: Path) -> None:
-    same = output.resolve() == source.resolve() or (
-        output.exists() and source.exists() and os.path.samefile(output, source)
-    )
-    if same:
-        raise UsageError(f"{output}: the output would overwrite the input; choose another path")
-    if output.is_dir():
-        raise UsageError(f"{output}: is a directory; give a file path")
-
-
 def run(args: argparse.Namespace) -> int:
     source, output = Path(args.model), Path(args.output)
-    _check_output(source, output)
+    check_output_path(source, output, "; choose another path")
     model = io.load_model(source)
     lowered, count = lower_training(model)
     io.save_model(lowered, output)
