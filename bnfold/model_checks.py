@@ -369,7 +369,9 @@ def _entries_needed(dtype: ir.DataType, count: int) -> int:
     return count
 
 
-def _iter_tensor_protos(proto: onnx.ModelProto):
+def iter_tensor_protos(proto: onnx.ModelProto):
+    """Every TensorProto of the model: initializers and tensor attributes of every graph, subgraph and function."""
+
     def from_attributes(node: onnx.NodeProto):
         for attribute in node.attribute:
             if attribute.HasField("t"):
@@ -400,7 +402,7 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path | None, *, source
     ``length`` (or, without one, the rest of the file) must cover the bytes the tensor's shape needs.
     """
     resolved_base = base_dir.resolve() if base_dir is not None else None
-    for tensor in _iter_tensor_protos(proto):
+    for tensor in iter_tensor_protos(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         where = f"{source}: tensor {tensor.name!r}"

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import InvalidModelError, UsageError
-from bnfold.io import check_external_data, check_model_proto
+from bnfold.model_checks import check_external_data, check_model_proto, iter_tensor_protos
 
 ModelInput = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -106,35 +106,18 @@ def _from_ir_model(model: ir.Model) -> ModelSource:
 def _without_external_references(model: ir.Model) -> onnx.ModelProto:
     """Serialise ``model`` with every external tensor read into memory (the model itself is not changed)."""
     proto = ir.serde.serialize_model(model)
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
-                _replace_initializer(proto, value.name, ir.serde.serialize_tensor(ir.tensor(tensor.numpy())))
+    external = {
+        value.name: value.const_value
+        for graph in model.graphs()
+        for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    for tensor in iter_tensor_protos(proto):
+        source = external.get(tensor.name)
+        if source is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.CopyFrom(ir.serde.serialize_tensor(ir.tensor(source.numpy(), name=tensor.name)))
     return proto
 
 
-def _replace_initializer(proto: onnx.ModelProto, name: str, tensor: onnx.TensorProto) -> None:
-    for graph in _graphs(proto.graph):
-        for index, existing in enumerate(graph.initializer):
-            if existing.name == name and existing.data_location == onnx.TensorProto.EXTERNAL:
-                tensor.name = name
-                graph.initializer[index].CopyFrom(tensor)
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("g"):
-                yield from _graphs(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _graphs(subgraph)
-
-
 def _has_external_data(proto: onnx.ModelProto) -> bool:
-    return any(
-        tensor.data_location == onnx.TensorProto.EXTERNAL
-        for graph in _graphs(proto.graph)
-        for tensor in graph.initializer
-    )
+    return any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in iter_tensor_protos(proto))
