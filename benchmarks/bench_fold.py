@@ -21,8 +21,9 @@ Usage::
     python benchmarks/bench_fold.py --smoke         # tiny models, copy + bnfold only, 1 repetition, prints (CI)
     python benchmarks/bench_fold.py --cases tiny --repeat 1 --output -
 
-Before each timed run the page cache holds the inputs (they were read once) and ``sync`` has flushed earlier
-outputs, so each tool starts from the same state.
+Before each timed run the page cache holds the inputs (they were read once), ``sync`` has flushed earlier
+outputs and the run waits ``--settle`` seconds (the file system discards a deleted multi-GiB output's blocks in
+the background, which otherwise slows whichever tool runs next), so each tool starts from the same state.
 """
 
 from __future__ import annotations
@@ -265,7 +266,9 @@ def available(tool: str) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
-def run_case(case: Case, workdir: Path, tools: list[str], repeat: int, timeout: float, log) -> dict[str, Measurement]:
+def run_case(
+    case: Case, workdir: Path, tools: list[str], repeat: int, timeout: float, log, settle: float = 0.0
+) -> dict[str, Measurement]:
     source = generate(case, workdir / "in")
     for file in model_files(source):  # warm the page cache
         with open(file, "rb") as handle:
@@ -284,6 +287,7 @@ def run_case(case: Case, workdir: Path, tools: list[str], repeat: int, timeout: 
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
             subprocess.run(["sync"], check=False)
+            time.sleep(settle)  # let the file system finish discarding the previous output's blocks
             wall, rss, code, message = measure(tool_command(tool, source, out / source.name), timeout)
             if code != 0:
                 result.failure = message or f"exit {code}"
@@ -418,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tools", default=None, help=f"comma-separated subset of {','.join(ALL_TOOLS)}")
     parser.add_argument("--repeat", type=int, default=None, help="repetitions per tool (default: per case)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a tool run is killed")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=None,
+        help="seconds to wait after flushing the previous output, before each run (default: 3; smoke: 0)",
+    )
     parser.add_argument("--workdir", default=None, help="where models are generated (default: a temp dir)")
     parser.add_argument("--output", default=None, help="markdown file to update ('-' for stdout only)")
     parser.add_argument("--tool", nargs=3, metavar=("NAME", "SRC", "DST"), help=argparse.SUPPRESS)
@@ -448,7 +458,13 @@ def main(argv: list[str] | None = None) -> int:
             repeat = args.repeat or case.repeat
             print(f"{case.name}: {case.title}, {repeat} repetition(s)", flush=True)
             results[case.name] = run_case(
-                case, Path(workdir) / case.name, case_tools, repeat, args.timeout, lambda t: print(t, flush=True)
+                case,
+                Path(workdir) / case.name,
+                case_tools,
+                repeat,
+                args.timeout,
+                lambda t: print(t, flush=True),
+                settle=(0.0 if args.smoke else 3.0) if args.settle is None else args.settle,
             )
     note = "repetitions per case: " + ", ".join(f"{case.name} {args.repeat or case.repeat}" for case in cases)
     body = render(cases, results, machine_description(load_before, os.getloadavg()), note)

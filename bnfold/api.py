@@ -9,6 +9,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import UsageError
+from bnfold.gc_pause import gc_paused
 from bnfold.io import as_model
 from bnfold.passes import FoldBatchNormPass
 from bnfold.report import FoldReport
@@ -47,7 +48,8 @@ def fold(
     (records with rule ``lower_standalone``).
     """
     fold_pass = make_fold_pass(only, skip, lower_standalone=lower_standalone)
-    result = fold_pass(as_model(model))
+    with gc_paused():
+        result = fold_pass(as_model(model))
     return result.model, result.report
 
 

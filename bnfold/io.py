@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from bnfold.errors import InvalidModelError, UsageError, one_line
 from bnfold.model_checks import check_external_data, check_model_proto
+from bnfold.passes.scopes import model_graphs
 
 # Models above this size cannot be serialised as one protobuf (2 GiB limit), so they go to external data.
 PROTOBUF_LIMIT_BYTES = 2 * 1024**3
@@ -90,18 +91,37 @@ def finish_loading(model: ir.Model, base_dir: Path | None, *, source: object) ->
       and :func:`check_model_proto` refused cycles, but out-of-order files exist and passes (``clone``,
       shape inference) assume the order.
     """
-    graphs = list(model.graphs())  # (one walk: ``model.graphs()`` visits every node)
+    graphs = model_graphs(model)
     # Base directories are set as ``ir.external_data.set_base_dir(model.graph, base)`` does, in these walks.
     base = os.fspath(base_dir) if base_dir is not None else None
-    try:
-        model.graph.sort()
-    except Exception as error:  # a cycle check_model_proto did not see (through a subgraph)
-        raise InvalidModelError(f"{source}: the graph cannot be ordered ({one_line(error)})") from error
+
+    def in_order(graph: ir.Graph) -> bool:
+        """Whether every node of ``graph`` (which has no subgraph) comes after the producers of its inputs."""
+        seen: set[ir.Node] = set()
+        for node in graph:
+            for value in node.inputs:
+                producer = value.producer() if value is not None else None
+                if producer is not None and producer not in seen:
+                    return False
+            seen.add(node)
+        return True
+
+    # The stable sort leaves an ordered graph as it is; it is skipped when that is plain without it (no
+    # subgraph: then order and acyclicity only depend on this graph's own nodes).
+    if len(graphs) > 1 or not in_order(model.graph):
+        try:
+            model.graph.sort()
+        except Exception as error:  # a cycle check_model_proto did not see (through a subgraph)
+            raise InvalidModelError(f"{source}: the graph cannot be ordered ({one_line(error)})") from error
     data_paths: set[str] = set()
+    is_external: dict[type, bool] = {}  # per tensor class: isinstance on onnx_ir's protocol classes is slow
     for graph in graphs:
         for value in graph.initializers.values():
             tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
+            kind = type(tensor)
+            if kind not in is_external:
+                is_external[kind] = isinstance(tensor, ir.ExternalTensor)
+            if is_external[kind]:
                 if base is not None:
                     tensor.base_dir = base
                 data_paths.add(tensor.path)
@@ -114,6 +134,8 @@ def finish_loading(model: ir.Model, base_dir: Path | None, *, source: object) ->
     for body in bodies:
         in_graph = base is not None and not isinstance(body, ir.Function)
         for node in body:
+            if not node.attributes:
+                continue
             for name, attribute in list(node.attributes.items()):
                 if attribute.type == ir.AttributeType.TENSOR and isinstance(attribute.value, ir.ExternalTensor):
                     if in_graph:
@@ -151,7 +173,7 @@ def has_external_data(model: ir.Model) -> bool:
     """Whether any initializer of any graph is stored in an external file."""
     return any(
         isinstance(value.const_value, ir.ExternalTensor)
-        for graph in model.graphs()
+        for graph in model_graphs(model)
         for value in graph.initializers.values()
     )
 
@@ -160,7 +182,7 @@ def estimated_size_bytes(model: ir.Model) -> int:
     """Bytes of all initializers, a lower bound of the serialised size."""
     return sum(
         value.const_value.nbytes
-        for graph in model.graphs()
+        for graph in model_graphs(model)
         for value in graph.initializers.values()
         if value.const_value is not None
     )
@@ -204,12 +226,19 @@ def stage_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool
     return staged
 
 
-def create_staging(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> StagedModel:
+def create_staging(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    read_files: set[Path] | None = None,
+) -> StagedModel:
     """An empty temporary directory beside ``path`` and the names ``model`` is to be written under there.
 
     The data file is ``<file name>.data``, or ``<file name>.<n>.data`` with the smallest ``n >= 1`` when that
     name is a file ``model`` still reads external data from (folding in place alternates between the two), so
-    the output never replaces a data file the input reads.
+    the output never replaces a data file the input reads. ``read_files``: those files (resolved paths), when
+    the caller knows them (default: :func:`external_files`).
     """
     path = Path(path)
     if external_data is None:
@@ -217,7 +246,7 @@ def create_staging(model: ir.Model, path: str | os.PathLike, *, external_data: b
     directory = path.parent
     if not directory.is_dir():
         raise UsageError(f"{path}: output directory {directory} does not exist")
-    read = _external_files(model)
+    read = external_files(model) if read_files is None else read_files
     data_name = superseded = None
     if external_data:
         data_name = _data_name_not_in(path, read)
@@ -228,13 +257,13 @@ def create_staging(model: ir.Model, path: str | os.PathLike, *, external_data: b
     return StagedModel(staging, path, data_name, superseded=superseded or ())
 
 
-def _external_files(model: ir.Model) -> set[Path]:
+def external_files(model: ir.Model) -> set[Path]:
     """Files ``model`` reads external data from, plus every file it was loaded from (even when folding dropped
     the last tensor that read one, an in-place save must not write into it before the model is renamed)."""
     loaded_from = {Path(file) for file in model.meta.get(SOURCE_FILES_META, ())}
     paths = {
         value.const_value.path
-        for graph in model.graphs()
+        for graph in model_graphs(model)
         for value in graph.initializers.values()
         if isinstance(value.const_value, ir.ExternalTensor)
     }
@@ -332,7 +361,7 @@ def files_size_bytes(path: str | os.PathLike, model: ir.Model | None = None) -> 
     total = path.stat().st_size
     files: set[Path] = set()
     if model is not None:
-        files = _external_files(model)
+        files = external_files(model)
     else:
         data = path.parent / external_data_name(path)
         if data.is_file():

@@ -48,8 +48,9 @@ def check_model_proto(proto: onnx.ModelProto, *, source: object) -> None:
     for function in proto.functions:
         where = f"{source}: function {function.domain}::{function.name}"
         function_opsets = _opset_versions(function.opset_import, where) or opsets
-        defined = _define_all(function.input, (), function.node, frozenset(), where)
-        _check_nodes(function.node, defined, frozenset(), function_opsets, where)
+        nodes = list(function.node)
+        defined, producer_of = _define_all(function.input, (), nodes, frozenset(), where)
+        _check_nodes(nodes, defined, producer_of, frozenset(), function_opsets, where)
         _check_outputs(function.output, defined, frozenset(), where)
 
 
@@ -58,7 +59,7 @@ def _invalid_text_field(message) -> str | None:
     for field, value in message.ListFields():
         is_string, is_message, repeated = _field_kinds.get(field) or _field_kind(field)
         if is_string:
-            if any(type(item) is bytes for item in value) if repeated else type(value) is bytes:
+            if bytes in map(type, value) if repeated else type(value) is bytes:
                 return field.full_name
         elif is_message:
             for item in value if repeated else (value,):
@@ -93,8 +94,11 @@ def _opset_versions(imports, where: str) -> dict[str, int]:
     return versions
 
 
-def _define_all(inputs, initializers, nodes, outer: frozenset[str], where: str) -> set[str]:
-    """Every name the body defines; refuse a name defined twice or shadowing an enclosing graph's value."""
+def _define_all(inputs, initializers, nodes, outer: frozenset[str], where: str) -> tuple[set[str], dict[str, int]]:
+    """Every name the body defines, and the index of the node producing each node output.
+
+    Refuses a name defined twice or shadowing an enclosing graph's value.
+    """
     defined: set[str] = set()
     for value in inputs:
         name = value if isinstance(value, str) else value.name
@@ -103,13 +107,15 @@ def _define_all(inputs, initializers, nodes, outer: frozenset[str], where: str) 
         defined.add(name)
     seen_initializers: set[str] = set()
     for index, tensor in enumerate(initializers):
-        if not tensor.name:
+        name = tensor.name
+        if not name:
             raise InvalidModelError(f"{where}: initializer #{index} has no name")
-        if tensor.name in seen_initializers:
-            raise InvalidModelError(f"{where}: initializer {tensor.name!r} is defined twice")
-        seen_initializers.add(tensor.name)
-        defined.add(tensor.name)  # an initializer may also be a graph input (its default)
-    for node in nodes:
+        if name in seen_initializers:
+            raise InvalidModelError(f"{where}: initializer {name!r} is defined twice")
+        seen_initializers.add(name)
+        defined.add(name)  # an initializer may also be a graph input (its default)
+    producer_of: dict[str, int] = {}
+    for index, node in enumerate(nodes):
         for name in node.output:
             if not name:
                 continue
@@ -118,17 +124,20 @@ def _define_all(inputs, initializers, nodes, outer: frozenset[str], where: str) 
             if name in outer:
                 raise InvalidModelError(f"{where}: node {node.name!r} output {name!r} shadows an outer value")
             defined.add(name)
-    return defined
+            producer_of[name] = index
+    return defined, producer_of
 
 
 def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], opsets: dict[str, int], where: str) -> None:
-    for tensor in graph.initializer:
+    initializers = list(graph.initializer)  # (one Python wrapper per message, shared by the walks below)
+    for tensor in initializers:
         _check_tensor(tensor, f"{where}: tensor {tensor.name!r}")
-    defined = _define_all(graph.input, graph.initializer, graph.node, outer, where)
-    _check_nodes(graph.node, defined, outer, opsets, where)
+    nodes = list(graph.node)
+    defined, producer_of = _define_all(graph.input, initializers, nodes, outer, where)
+    holders = _check_nodes(nodes, defined, producer_of, outer, opsets, where)
     _check_outputs(graph.output, defined, outer, where)
     visible = outer | defined
-    for node in graph.node:
+    for node in holders:
         for attribute in node.attribute:
             subgraphs = [attribute.g] if attribute.HasField("g") else []
             for index, subgraph in enumerate([*subgraphs, *attribute.graphs]):
@@ -143,19 +152,45 @@ def _check_outputs(outputs, defined: set[str], outer: frozenset[str], where: str
             raise InvalidModelError(f"{where}: output {name!r} is not produced by any node, input or initializer")
 
 
-def _check_nodes(nodes, defined: set[str], outer: frozenset[str], opsets: dict[str, int], where: str) -> None:
-    for node in nodes:
-        for name in node.input:
+def _check_nodes(
+    nodes: list[onnx.NodeProto],
+    defined: set[str],
+    producer_of: dict[str, int],
+    outer: frozenset[str],
+    opsets: dict[str, int],
+    where: str,
+) -> list[onnx.NodeProto]:
+    """Check every node's reads, schema and tensor attributes, then that the nodes have no cycle.
+
+    ``producer_of``: the index of the node producing each name. Returns the nodes that hold subgraphs (in
+    order), for the caller to check those.
+    """
+    holders: list[onnx.NodeProto] = []
+    in_order = True  # every node after the producers of what it reads: then there is no cycle
+    for index, node in enumerate(nodes):
+        inputs = node.input
+        for name in inputs:
             if name and name not in defined and name not in outer:
                 raise InvalidModelError(
                     f"{where}: node {node.name!r} ({node.op_type}) reads {name!r}, which nothing defines"
                 )
-        _check_node_against_schema(node, opsets, where)
-        for attribute in node.attribute:
-            tensors = [attribute.t] if attribute.HasField("t") else []
-            for tensor in [*tensors, *attribute.tensors]:
+            if producer_of.get(name, -1) >= index:
+                in_order = False
+        attributes = node.attribute
+        _check_node_against_schema(node, inputs, attributes, opsets, where)
+        holds_subgraph = False
+        for attribute in attributes:
+            if attribute.HasField("t"):
+                _check_tensor(attribute.t, f"{where}: node {node.name!r} attribute {attribute.name!r}")
+            for tensor in attribute.tensors:
                 _check_tensor(tensor, f"{where}: node {node.name!r} attribute {attribute.name!r}")
-    _check_acyclic(nodes, where)
+            holds_subgraph = holds_subgraph or attribute.HasField("g") or bool(attribute.graphs)
+        if holds_subgraph:
+            holders.append(node)
+            in_order = False  # (what its subgraphs read from this graph is left to Kahn's algorithm)
+    if not in_order:
+        _check_acyclic(nodes, producer_of, where)
+    return holders
 
 
 def _free_names(graph: onnx.GraphProto) -> set[str]:
@@ -173,9 +208,12 @@ def _free_names(graph: onnx.GraphProto) -> set[str]:
     return {name for name in read if name and name not in local}
 
 
-def _check_acyclic(nodes, where: str) -> None:
-    """Kahn's algorithm over "reads a value produced by": refuse the body when some node never becomes ready."""
-    producer_of = {name: index for index, node in enumerate(nodes) for name in node.output if name}
+def _check_acyclic(nodes, producer_of: dict[str, int], where: str) -> None:
+    """Kahn's algorithm over "reads a value produced by": refuse the body when some node never becomes ready.
+
+    ``producer_of``: the index of the node producing each name. A node reads its inputs and, through its
+    subgraphs, their free names.
+    """
     readers: list[list[int]] = [[] for _ in nodes]
     pending = [0] * len(nodes)
     for index, node in enumerate(nodes):
@@ -244,21 +282,23 @@ def _schema(op_type: str, domain: str, version: int) -> _SchemaSummary | None:
     return _schema_cache[key]
 
 
-def _check_node_against_schema(node: onnx.NodeProto, opsets: dict[str, int], where: str) -> None:
+def _check_node_against_schema(node: onnx.NodeProto, inputs, attributes, opsets: dict[str, int], where: str) -> None:
+    """Attribute names and types, input and output counts (``inputs``/``attributes``: the node's, read once)."""
     names: set[str] = set()
-    for attribute in node.attribute:
-        if not attribute.name or attribute.name in names:
+    for attribute in attributes:
+        name = attribute.name
+        if not name or name in names:
             raise InvalidModelError(f"{where}: node {node.name!r} has a nameless or repeated attribute")
-        names.add(attribute.name)
+        names.add(name)
         if attribute.type not in _VALID_ATTRIBUTE_TYPES:
-            raise InvalidModelError(f"{where}: node {node.name!r} attribute {attribute.name!r} has no valid type")
+            raise InvalidModelError(f"{where}: node {node.name!r} attribute {name!r} has no valid type")
     domain = "" if node.domain == "ai.onnx" else node.domain
     version = opsets.get(domain, 1 if domain == "" else None)  # no import: opset 1, as the fold pass assumes
     schema = _schema(node.op_type, domain, version) if version is not None and node.op_type else None
     if schema is None:
         return  # unknown op, custom domain or opset newer than this onnx: nothing to check against
     for kind, names, (low, high), required in (
-        ("inputs", node.input, schema.inputs, schema.required_inputs),
+        ("inputs", inputs, schema.inputs, schema.required_inputs),
         ("outputs", node.output, schema.outputs, schema.required_outputs),
     ):
         if not low <= len(names) <= high:
@@ -266,12 +306,12 @@ def _check_node_against_schema(node: onnx.NodeProto, opsets: dict[str, int], whe
                 f"{_node_label(node, version, where)} has {len(names)} {kind}, expected {low}..{high}"
             )
         # A required (single) input or output may not be left out with an empty name.
-        for name, formal in zip(names, required, strict=False):
+        for name, formal in zip(names, required, strict=False) if "" in names else ():
             if not name and formal is not None:
                 raise InvalidModelError(
                     f"{_node_label(node, version, where)}: required {kind[:-1]} {formal!r} is empty"
                 )
-    for attribute in node.attribute:
+    for attribute in attributes:
         declared = schema.attribute_types.get(attribute.name)
         if declared is not None and not attribute.ref_attr_name and declared[0] != attribute.type:
             actual = onnx.AttributeProto.AttributeType.Name(attribute.type)

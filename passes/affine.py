@@ -38,16 +38,16 @@ class Affine:
         ``epsilon`` is used as stored (a float32 attribute widened exactly to float64).
         """
         gamma64, beta64, mean64, var64 = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # (non-finite: the caller skips)
             scale = gamma64 / np.sqrt(var64 + np.float64(epsilon))
-        shift = beta64 - mean64 * scale
+            shift = beta64 - mean64 * scale
         return cls(scale=scale, shift=shift)
 
     def is_finite(self) -> bool:
-        return bool(np.all(np.isfinite(self.scale)) and np.all(np.isfinite(self.shift)))
+        return bool(np.isfinite(self.scale).all() and np.isfinite(self.shift).all())
 
     def scale_range(self) -> tuple[float, float] | tuple[None, None]:
         """(min, max) of the per-channel scale, for the report; ``(None, None)`` when there are no channels."""
         if self.scale.size == 0:
             return (None, None)
-        return (float(np.min(self.scale)), float(np.max(self.scale)))
+        return (float(self.scale.min()), float(self.scale.max()))

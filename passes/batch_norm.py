@@ -64,7 +64,8 @@ def batch_norm_affine(node: ir.Node, constants: ConstantResolver) -> Affine:
             SkipReason.PARAM_SHAPE_MISMATCH,
             "scale, B, mean, var must be 1-D of one length; got " + ", ".join(str(s) for s in shapes),
         )
-    if not all(np.issubdtype(array.dtype, np.floating) or array.dtype.kind == "V" for array in params):
+    # kind "f": numpy floats; "V": ml_dtypes' bfloat16 and float8 (numpy sees them as opaque void types).
+    if not all(array.dtype.kind in "fV" for array in params):
         raise Skip(SkipReason.UNSUPPORTED_DTYPE, "BN parameters are not floating point")
     epsilon_attribute = node.attributes.get("epsilon")
     # The attribute is a float32; widen exactly, and widen the default the same way a runtime sees it.

@@ -73,7 +73,6 @@ from bnfold.passes.scopes import (
     main_scopes,
     new_record,
     require_finite,
-    with_scale,
 )
 from bnfold.passes.through_add import (
     ConstantAdd,
@@ -191,10 +190,11 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self._writer: TensorWriter | None = None
 
     def call(self, model: ir.Model) -> FoldResult:
-        nodes_before = count_nodes(model)
+        scopes = list(main_scopes(model))
+        nodes_before = count_nodes(model, scopes)
         self._constants = ConstantResolver(model)
         self._writer = TensorWriter(model, NameAllocator(model))
-        records = self.fold_scopes(main_scopes(model))
+        records = self.fold_scopes(scopes)
         records += functions.fold_functions(model, self, self._constants, self._writer)
         self._writer.prune_orphans()
         self.report = FoldReport(tuple(records), nodes_before, count_nodes(model))
@@ -213,7 +213,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         return self.fold_scopes(function_scopes(function, model_opset))
 
     def _fold_one(self, node: ir.Node, scope: Scope, index: int) -> BatchNormRecord:
-        record = new_record(node, scope, index)
+        """Fold (or lower, or skip) one BN; its record is built once, when the outcome is known."""
         affine: Affine | None = None
         try:
             if not scope.can_add_constants:
@@ -224,22 +224,32 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             affine = inference_affine(node, scope.opset, self._constants)
             require_finite(affine)
         except Skip as skip:
-            return with_scale(dataclasses.replace(record, reason=skip.reason, detail=skip.detail), affine)
+            return new_record(node, scope, index, reason=skip.reason, detail=skip.detail, affine=affine)
         attempt = self._attempt_backward(node, affine)
         if attempt.skip is not None:
             forward = self._attempt_forward(node, affine)
             if forward.skip is None or (not attempt.matched and forward.neighbour is not None):
                 attempt = forward
-        record = _describe(record, attempt)
+        neighbour = attempt.neighbour
+        rule = attempt.rule if neighbour is not None else None
         if attempt.skip is None:
             rewritten = self._apply(node, attempt)
             where = "consuming" if attempt.forward else "into"
-            detail = f"folded {where} {attempt.neighbour.op_type} {attempt.neighbour.name!r}"
+            detail = f"folded {where} {neighbour.op_type} {neighbour.name!r}"
             if attempt.add is not None:
                 detail += f" through Add {attempt.add.node.name!r}"
-            if attempt.forward:
-                record = dataclasses.replace(record, output=attempt.neighbour.outputs[0].name)
-            record = with_scale(dataclasses.replace(record, status=FoldStatus.FOLDED, detail=detail), affine)
+            output = neighbour.outputs[0].name if attempt.forward else None
+            record = new_record(
+                node,
+                scope,
+                index,
+                status=FoldStatus.FOLDED,
+                detail=detail,
+                output=output,
+                neighbour=neighbour,
+                rule=rule,
+                affine=affine,
+            )
             if self.on_folded is not None:
                 self.on_folded(record, rewritten)
             return record
@@ -248,11 +258,21 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             try:
                 detail = lower_batch_norm(node, affine, self._constants, self._writer)
                 detail += f" (not folded: {skip.reason.value}: {skip.detail})"
-                record = dataclasses.replace(record, status=FoldStatus.LOWERED, rule=LOWER_RULE_NAME, detail=detail)
-                return with_scale(record, affine)
+                return new_record(
+                    node,
+                    scope,
+                    index,
+                    status=FoldStatus.LOWERED,
+                    detail=detail,
+                    neighbour=neighbour,
+                    rule=LOWER_RULE_NAME,
+                    affine=affine,
+                )
             except Skip as lowering_skip:
                 skip = Skip(lowering_skip.reason, f"not lowered: {lowering_skip.detail} (not folded: {skip})")
-        return with_scale(dataclasses.replace(record, reason=skip.reason, detail=skip.detail), affine)
+        return new_record(
+            node, scope, index, reason=skip.reason, detail=skip.detail, neighbour=neighbour, rule=rule, affine=affine
+        )
 
     # -- backward: producer → [Add(constant) →] BN -----------------------------------------------------------
 
@@ -398,10 +418,3 @@ def _add_without_rule(add: ConstantAdd | None, inner: ir.Node | None) -> str:
     if inner is None:
         return "Add of a constant to a graph input: no layer to fold into"
     return f"no rule folds into Add after {inner.op_type}"
-
-
-def _describe(record: BatchNormRecord, attempt: _Attempt) -> BatchNormRecord:
-    neighbour = attempt.neighbour
-    if neighbour is None:
-        return record
-    return dataclasses.replace(record, producer=neighbour.op_type, producer_node=neighbour.name, rule=attempt.rule)

@@ -20,23 +20,28 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.passes.rule import TensorUpdate
+from bnfold.passes.scopes import model_graphs
 
 
 class NameAllocator:
     """Hands out value and node names that collide with no name anywhere in the model (graphs and functions)."""
 
     def __init__(self, model: ir.Model) -> None:
-        self._taken: set[str] = set()
-        self._taken_nodes: set[str] = set()
-        for graph in [*model.graphs(), *(g for f in model.functions.values() for g in (f.graph, *f.subgraphs()))]:
-            self._taken.update(value.name for value in graph.inputs if value.name)
-            self._taken.update(value.name for value in graph.outputs if value.name)
-            self._taken.update(graph.initializers)
-            for node in graph:
-                if node.name:
-                    self._taken_nodes.add(node.name)
-                self._taken.update(value.name for value in node.outputs if value.name)
-                self._taken.update(value.name for value in node.inputs if value is not None and value.name)
+        taken: set[str | None] = set()
+        taken_nodes: set[str | None] = set()
+        for graph in [*model_graphs(model), *(g for f in model.functions.values() for g in (f.graph, *f.subgraphs()))]:
+            nodes = list(graph)
+            taken.update([value.name for value in graph.inputs])
+            taken.update([value.name for value in graph.outputs])
+            taken.update(graph.initializers)
+            taken_nodes.update([node.name for node in nodes])
+            taken.update([value.name for node in nodes for value in node.outputs])
+            taken.update([value.name for node in nodes for value in node.inputs if value is not None])
+        for names in (taken, taken_nodes):  # unnamed values and nodes take no name
+            names.discard(None)
+            names.discard("")
+        self._taken: set[str] = taken
+        self._taken_nodes: set[str] = taken_nodes
 
     def fresh(self, hint: str) -> str:
         return _fresh(hint, self._taken)
@@ -75,7 +80,7 @@ class TensorWriter:
         node, index = update.node, update.input_index
         old = node.inputs[index] if index < len(node.inputs) else None
         if old is not None and self._solely_read_here(old, node, index):
-            old.const_value = ir.Tensor(data, name=old.name)  # ir.tensor's protocol checks cost ~7× more
+            old.const_value = ir.Tensor(data, dtype=update.dtype, name=old.name)  # (ir.tensor checks cost ~7× more)
             old.shape = ir.Shape(data.shape)
             return
         if (
@@ -86,7 +91,8 @@ class TensorWriter:
             constant = old.producer()
             for name in list(constant.attributes):
                 del constant.attributes[name]
-            constant.attributes["value"] = ir.Attr("value", ir.AttributeType.TENSOR, ir.Tensor(data, name=old.name))
+            tensor = ir.Tensor(data, dtype=update.dtype, name=old.name)
+            constant.attributes["value"] = ir.Attr("value", ir.AttributeType.TENSOR, tensor)
             old.shape = ir.Shape(data.shape)
             old.type = ir.TensorType(update.dtype)
             return
@@ -101,7 +107,7 @@ class TensorWriter:
         """A new constant holding ``data`` (already of ``dtype``), visible to ``reader`` in its graph."""
         graph = reader.graph
         name = self.names.fresh(hint)
-        tensor = ir.Tensor(data, name=name)
+        tensor = ir.Tensor(data, dtype=dtype, name=name)
         if graph in self._function_graphs:
             node = ir.node("Constant", [], attributes={"value": tensor}, name=self.names.fresh_node(name))
             value = node.outputs[0]

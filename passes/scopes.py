@@ -9,7 +9,7 @@ and the BN-level checks shared by the fold and the standalone lowering.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import onnx
 import onnx.defs
@@ -44,7 +44,10 @@ def iter_graphs(graph: ir.Graph, label: str = "main") -> Iterator[tuple[ir.Graph
     """The graph and all its subgraphs, depth first, each with a readable path label."""
     yield graph, label
     for node in graph:
-        for attribute in node.attributes.values():
+        attributes = node.attributes
+        if not attributes:  # (most nodes: nothing to look at)
+            continue
+        for attribute in attributes.values():
             if attribute.is_ref():
                 continue
             if attribute.type == ir.AttributeType.GRAPH:
@@ -52,6 +55,14 @@ def iter_graphs(graph: ir.Graph, label: str = "main") -> Iterator[tuple[ir.Graph
             elif attribute.type == ir.AttributeType.GRAPHS:
                 for i, subgraph in enumerate(attribute.as_graphs()):
                     yield from iter_graphs(subgraph, f"{label}/{node.name}.{attribute.name}[{i}]")
+
+
+def model_graphs(model: ir.Model) -> list[ir.Graph]:
+    """The main graph and its subgraphs, as ``model.graphs()`` lists them (which looks into every node).
+
+    Functions' graphs are not included (like ``model.graphs()``).
+    """
+    return [graph for graph, _ in iter_graphs(model.graph)]
 
 
 def default_opset(opset_imports: dict[str, int], fallback: int = 1) -> int:
@@ -92,20 +103,53 @@ def iter_scopes(model: ir.Model) -> Iterator[Scope]:
         yield from function_scopes(function, model_opset)
 
 
-def count_nodes(model: ir.Model) -> int:
-    """Nodes of the main graph, its subgraphs and every function body."""
-    return sum(len(scope.graph) for scope in iter_scopes(model))
+def count_nodes(model: ir.Model, main: Iterable[Scope] | None = None) -> int:
+    """Nodes of the main graph, its subgraphs and every function body.
+
+    ``main``: the model's :func:`main_scopes`, when the caller has just listed them (saves a walk of the graph).
+    """
+    if main is None:
+        return sum(len(scope.graph) for scope in iter_scopes(model))
+    model_opset = default_opset(model.opset_imports)
+    function_bodies = (
+        scope for function in model.functions.values() for scope in function_scopes(function, model_opset)
+    )
+    return sum(len(scope.graph) for scope in main) + sum(len(scope.graph) for scope in function_bodies)
 
 
-def new_record(node: ir.Node, scope: Scope, index: int) -> BatchNormRecord:
-    """A 'skipped, no reason yet' record for BN ``node``, the ``index``-th node of its scope."""
+def new_record(
+    node: ir.Node,
+    scope: Scope,
+    index: int,
+    *,
+    status: FoldStatus = FoldStatus.SKIPPED,
+    reason: SkipReason | None = None,
+    detail: str = "",
+    output: str | None = None,
+    neighbour: ir.Node | None = None,
+    rule: str | None = None,
+    affine: Affine | None = None,
+) -> BatchNormRecord:
+    """The record of BN ``node``, the ``index``-th node of its scope, built once.
+
+    By default a 'skipped, no reason yet' record. ``output`` defaults to the BN's ``Y`` name; ``neighbour`` (the
+    producer or forward consumer) fills ``producer``/``producer_node``; ``affine`` fills the scale range.
+    """
+    scale_min, scale_max = affine.scale_range() if affine is not None else (None, None)
+    if output is None:
+        output = node.outputs[0].name if node.outputs else ""
     return BatchNormRecord(
         node=node.name or f"<unnamed #{index}>",
         graph=scope.label,
-        status=FoldStatus.SKIPPED,
-        reason=None,
-        detail="",
-        output=node.outputs[0].name if node.outputs else "",
+        status=status,
+        reason=reason,
+        detail=detail,
+        output=output,
+        producer=neighbour.op_type if neighbour is not None else None,
+        producer_node=neighbour.name if neighbour is not None else None,
+        rule=rule,
+        scale_min=scale_min,
+        scale_max=scale_max,
     )
 
 

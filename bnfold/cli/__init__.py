@@ -43,9 +43,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"bnfold: error: {message}\n")
 
 
-def _available_commands() -> dict[str, object]:
+def _available_commands(names: Sequence[str] | None = None) -> dict[str, object]:
+    """The importable subcommand modules among ``names`` (default: all of :data:`COMMAND_MODULES`)."""
     modules = {}
-    for name, module_name in COMMAND_MODULES.items():
+    for name in COMMAND_MODULES if names is None else names:
+        module_name = COMMAND_MODULES[name]
         try:
             modules[name] = importlib.import_module(f"{__name__}.{module_name}")
         except ModuleNotFoundError as error:
@@ -54,7 +56,8 @@ def _available_commands() -> dict[str, object]:
     return modules
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser with the subcommands ``commands`` (default: all; only those modules are imported)."""
     from bnfold import __version__
 
     parser = _Parser(
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bnfold {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, module in _available_commands().items():
+    for name, module in _available_commands(commands).items():
         sub = subparsers.add_parser(
             name,
             help=module.HELP,
@@ -134,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     error" line naming the inputs and exit code 1. ``--debug`` adds the traceback.
     """
     argv = _with_default_command(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser()
+    # Import only the subcommand that runs (each pulls in its own dependencies); all of them for the help.
+    commands = [argv[0]] if argv and argv[0] in COMMAND_MODULES else [] if argv == ["--version"] else None
+    parser = build_parser(commands)
     if not argv:
         parser.print_help(sys.stderr)
         return ExitCode.USAGE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import sys
@@ -17,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from bnfold import batch, io, streaming
@@ -26,16 +26,21 @@ from bnfold.cli.output_paths import check_output_path
 from bnfold.cli.render import human_bytes, render_fold_records, render_fold_summary
 from bnfold.errors import ExitCode, UsageError
 from bnfold.passes import rule_names
-from bnfold.validate.github_summary import append_step_summary, verify_markdown
-from bnfold.validate.junit import JUnitSuite, verify_cases, write_junit_xml
 
 NAME = "fold"
 HELP = "fold BatchNormalization into neighbouring layers (the default command: `bnfold MODEL`)"
 
-try:  # validation is optional at import time so folding works even if onnxruntime is broken
-    from bnfold.cli import verify_options
-except ImportError:  # pragma: no cover - only without the validation package
-    verify_options = None
+# Imported only when a run verifies (onnxruntime and the validation package cost ~0.1 s to import).
+VERIFY_OPTIONS_MODULE = "bnfold.cli.verify_options"
+
+
+def _verify_options():
+    """The verification helpers, or ``None`` when the validation package cannot be imported."""
+    try:  # validation is optional so that folding works even if onnxruntime is broken
+        return importlib.import_module(VERIFY_OPTIONS_MODULE)
+    except ImportError:  # pragma: no cover - only without the validation package
+        return None
+
 
 # The batch progress bar appears only when the work has lasted this long (and stdout is a terminal).
 PROGRESS_AFTER_SECONDS = 1.0
@@ -76,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="also list every BatchNormalization")
+    verify_options = _verify_options()
     if verify_options is not None:
         verify_options.add_verify_arguments(parser)
 
@@ -126,8 +132,9 @@ def _run_single(args: argparse.Namespace, console: Console) -> int:
     report = folded.report
     verification = None
     size_after = None
+    verify_options = None if args.no_verify else _verify_options()
     with folded.staged as staged:
-        if not args.no_verify and verify_options is not None:
+        if verify_options is not None:
             verification = verify_options.verify_from_args(
                 args, args.model, staged.path, probes=report.probe_tensors(), candidate_label=str(output)
             )
@@ -165,6 +172,9 @@ def _run_single(args: argparse.Namespace, console: Console) -> int:
         }
         _write_json(args.json, document, stdout_json)
     if verification is not None:
+        from bnfold.validate.github_summary import append_step_summary, verify_markdown
+        from bnfold.validate.junit import JUnitSuite, verify_cases, write_junit_xml
+
         if args.junit_xml:
             write_junit_xml(args.junit_xml, [JUnitSuite("bnfold fold", verify_cases(verification))])
         append_step_summary(verify_markdown(verification))
@@ -222,20 +232,20 @@ def _batch_plan(args: argparse.Namespace, paths: list[str]) -> list[batch.FoldJo
 
 def _verify_staged(args: argparse.Namespace, original: str, candidate: str, probes: dict[str, str]):
     """The batch verifier: the same flags as the single-model run (module level so that workers can unpickle it)."""
-    return verify_options.verify_from_args(args, original, candidate, probes=probes)
+    return _verify_options().verify_from_args(args, original, candidate, probes=probes)
 
 
 def _run_batch(args: argparse.Namespace, console: Console, jobs: list[batch.FoldJob]) -> int:
     from bnfold.api import make_fold_pass
 
     make_fold_pass(args.only, args.skip)  # unknown rule names: one usage error, not one per model
-    verify = not args.no_verify and verify_options is not None
+    verify = not args.no_verify and _verify_options() is not None
     verifier = functools.partial(_verify_staged, _picklable(args)) if verify else None
     workers = args.jobs or min(len(jobs), os.cpu_count() or 1)
     started = time.perf_counter()
     results: list[batch.BatchResult] = []
     stream = batch.fold_jobs(
-        jobs, workers=workers, verifier=verifier, preload=[verify_options.__name__] if verify else ()
+        jobs, workers=workers, verifier=verifier, preload=[VERIFY_OPTIONS_MODULE] if verify else ()
     )
     errors = Console(stderr=True)
     for result in _with_progress(console, stream, len(jobs), quiet=args.quiet):
@@ -265,6 +275,8 @@ def _with_progress(
     if quiet or not console.is_terminal:
         yield from results
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     started = time.perf_counter()
     progress: Progress | None = None
     done = 0
