@@ -8,16 +8,20 @@ Reading (:func:`open_lazily`)
 
 Writing (:class:`DataFile`, :func:`write_model`)
     A tensor that is already on disk (an external reference into any file) is copied byte range to byte range
-    (``os.copy_file_range``, in the kernel) without being decoded. An in-memory tensor is written straight from
-    its numpy buffer. A self-contained model is streamed as protobuf: the graph structure is serialised by
-    ``onnx_ir``, and each large initializer is appended as a wire-format ``TensorProto`` whose ``raw_data``
-    bytes come from the sources above, so no ``ModelProto`` holding all weights is ever built.
+    (``os.copy_file_range``, in the kernel) without being decoded. A deferred weight is computed block by block
+    by the writer threads (see Folding). An in-memory tensor is written straight from its numpy buffer. A
+    self-contained model is streamed as protobuf: the graph structure is serialised by ``onnx_ir``, and each
+    large initializer is appended as a wire-format ``TensorProto`` whose ``raw_data`` bytes come from the
+    sources above, so no ``ModelProto`` holding all weights is ever built.
 
 Folding (:func:`fold_to_staged`)
-    With external-data output each folded tensor is appended to the staged data file as soon as its
-    BatchNormalization is folded and the in-memory copy is dropped, so the peak memory is a few tensors,
-    independent of the model size. Self-contained output keeps folded tensors in memory until the single write
-    (the model is below the 2 GiB protobuf limit by definition).
+    A large folded weight is planned, not computed: the fold checks its range up front and leaves a
+    :class:`~bnfold.passes.rule.ScaledWeight` (source weight, per-channel scale, dtype). With external-data
+    output it is handed to the writer as soon as its BatchNormalization folds; writer threads compute it in
+    blocks of a few MiB into a reused buffer and write each block at once, with direct I/O (``O_DIRECT``) where
+    the file system allows, so a folded weight never exists whole in memory nor passes through the page cache.
+    The peak memory is a few blocks plus the source pages being read, independent of the model size.
+    Self-contained output computes its weights the same way while the file is streamed.
 
 Preconditions: a little-endian host (x86-64, arm64) for the zero-copy numpy path; elsewhere
 ``TensorProtocol.tobytes`` is used. Nothing here prints.
