@@ -28,6 +28,7 @@ arguments are then folded per call site by specialisation (:mod:`~bnfold.passes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -232,6 +233,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 attempt = forward
         neighbour = attempt.neighbour
         rule = attempt.rule if neighbour is not None else None
+        record_of = functools.partial(new_record, node, scope, index, neighbour=neighbour, affine=affine)
         if attempt.skip is None:
             rewritten = self._apply(node, attempt)
             where = "consuming" if attempt.forward else "into"
@@ -239,17 +241,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             if attempt.add is not None:
                 detail += f" through Add {attempt.add.node.name!r}"
             output = neighbour.outputs[0].name if attempt.forward else None
-            record = new_record(
-                node,
-                scope,
-                index,
-                status=FoldStatus.FOLDED,
-                detail=detail,
-                output=output,
-                neighbour=neighbour,
-                rule=rule,
-                affine=affine,
-            )
+            record = record_of(status=FoldStatus.FOLDED, detail=detail, output=output, rule=rule)
             if self.on_folded is not None:
                 self.on_folded(record, rewritten)
             return record
@@ -258,21 +250,10 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             try:
                 detail = lower_batch_norm(node, affine, self._constants, self._writer)
                 detail += f" (not folded: {skip.reason.value}: {skip.detail})"
-                return new_record(
-                    node,
-                    scope,
-                    index,
-                    status=FoldStatus.LOWERED,
-                    detail=detail,
-                    neighbour=neighbour,
-                    rule=LOWER_RULE_NAME,
-                    affine=affine,
-                )
+                return record_of(status=FoldStatus.LOWERED, detail=detail, rule=LOWER_RULE_NAME)
             except Skip as lowering_skip:
                 skip = Skip(lowering_skip.reason, f"not lowered: {lowering_skip.detail} (not folded: {skip})")
-        return new_record(
-            node, scope, index, reason=skip.reason, detail=skip.detail, neighbour=neighbour, rule=rule, affine=affine
-        )
+        return record_of(reason=skip.reason, detail=skip.detail, rule=rule)
 
     # -- backward: producer → [Add(constant) →] BN -----------------------------------------------------------
 
