@@ -29,11 +29,13 @@ the background, which otherwise slows whichever tool runs next), so each tool st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -230,7 +232,8 @@ def measure(command: list[str], timeout: float) -> tuple[float, int, int, str]:
     with tempfile.NamedTemporaryFile(suffix=".time") as report, tempfile.TemporaryFile() as stderr:
         wrapped = ["/usr/bin/time", "-f", "%M", "-o", report.name, *command] if TIME else command
         started = time.perf_counter()
-        process = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=stderr)
+        # A session of its own: a timeout kills the tool with its children (/usr/bin/time is only the parent).
+        process = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
         try:
             _, status, usage = os.wait4(process.pid, 0) if timeout is None else _wait(process, timeout)
         except subprocess.TimeoutExpired:
@@ -254,7 +257,8 @@ def _wait(process: subprocess.Popen, timeout: float):
         if pid:
             return pid, status, usage
         if time.perf_counter() > deadline:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # the whole group: a tool left running would skew the rest
             os.wait4(process.pid, 0)
             process.returncode = -9
             raise subprocess.TimeoutExpired(process.args, timeout)

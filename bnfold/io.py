@@ -355,6 +355,17 @@ class StagedModel:
         self.discard()
 
 
+def is_same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two paths name the same file: any spelling, symlink or hard link."""
+    first, second = Path(first), Path(second)
+    if first.resolve() == second.resolve():
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist
+        return False
+
+
 def files_size_bytes(path: str | os.PathLike, model: ir.Model | None = None) -> int:
     """Bytes of the model file plus the external data files it references (``<name>.data`` without ``model``)."""
     path = Path(path)

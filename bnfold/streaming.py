@@ -720,6 +720,9 @@ def _fold_to_staged(
     read = set(model.meta[io.SOURCE_FILES_META])
     itself = Path(os.path.realpath(source))
     size_before = itself.stat().st_size + sum(file.stat().st_size for file in read - {itself} if file.is_file())
+    for file in read - {itself}:  # (replacing the model file itself is an in-place fold)
+        if io.is_same_file(destination, file):
+            raise UsageError(f"{destination}: the output would overwrite {file}, which the model is read from")
     if external_data is None:
         external_data = bool(read - {itself})  # external data in other files (not a lazily read .onnx)
     staged = io.create_staging(model, destination, external_data=external_data, read_files=read)

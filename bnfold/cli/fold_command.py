@@ -22,7 +22,7 @@ from rich.text import Text
 
 from bnfold import batch, io, streaming
 from bnfold.cli.arg_types import comma_list, positive_int
-from bnfold.cli.output_paths import check_output_path
+from bnfold.cli.output_paths import check_json_path, check_output_path
 from bnfold.cli.render import human_bytes, render_fold_records, render_fold_summary
 from bnfold.errors import ExitCode, UsageError
 from bnfold.passes import rule_names
@@ -32,6 +32,8 @@ HELP = "fold BatchNormalization into neighbouring layers (the default command: `
 
 # Imported only when a run verifies (onnxruntime and the validation package cost ~0.1 s to import).
 VERIFY_OPTIONS_MODULE = "bnfold.cli.verify_options"
+# What batch workers import before their first model when verifying (onnxruntime is initialised once per worker).
+VERIFY_PRELOAD = (VERIFY_OPTIONS_MODULE, "bnfold.validate.verifier")
 
 
 def _verify_options():
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     paths = list(args.model or [])
     if not paths:
         raise UsageError("a MODEL path is required")
+    check_json_path(args.json)  # before any output is committed
     plan = _batch_plan(args, paths)
     if plan is not None:
         return _run_batch(args, console, plan)
@@ -244,9 +247,7 @@ def _run_batch(args: argparse.Namespace, console: Console, jobs: list[batch.Fold
     workers = args.jobs or min(len(jobs), os.cpu_count() or 1)
     started = time.perf_counter()
     results: list[batch.BatchResult] = []
-    stream = batch.fold_jobs(
-        jobs, workers=workers, verifier=verifier, preload=[VERIFY_OPTIONS_MODULE] if verify else ()
-    )
+    stream = batch.fold_jobs(jobs, workers=workers, verifier=verifier, preload=VERIFY_PRELOAD if verify else ())
     errors = Console(stderr=True)
     for result in _with_progress(console, stream, len(jobs), quiet=args.quiet):
         results.append(result)

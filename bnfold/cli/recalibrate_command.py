@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bnfold import io
-from bnfold.cli.output_paths import check_output_path
+from bnfold.cli.output_paths import check_json_path, check_not_read, check_output_path
 from bnfold.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:  # the API imports onnxruntime: keep `bnfold --help` light
@@ -66,6 +66,8 @@ def _output_path(args: argparse.Namespace, source: Path) -> Path:
         raise UsageError("give -o/--output OUT (or --in-place to overwrite the model)")
     output = Path(args.output)
     check_output_path(source, output, "; pass --in-place to allow it")
+    if not output.parent.is_dir():  # refused now, not after the calibration passes
+        raise UsageError(f"{output}: output directory {output.parent} does not exist")
     return output
 
 
@@ -77,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--match-torch stores torch's unbiased variance; it cannot be combined with --convention onnx")
     source = Path(args.model)
     output = _output_path(args, source)
+    check_json_path(args.json)
     batches = NpzBatches(args.data)
+    check_not_read(output, batches.files, "the --data file")
     model = io.load_model(source)
+    if not args.in_place:  # in place, the model file is replaced on purpose; its data files never are (io)
+        check_not_read(output, model.meta.get(io.SOURCE_FILES_META, ()), "a file the model is read from:")
     console = Console(quiet=args.quiet, highlight=False, stderr=args.json == "-")  # stdout carries the JSON
     errors = Console(stderr=True)
     with Progress(

@@ -20,16 +20,9 @@ from rich.table import Table
 
 from bnfold.cli.arg_types import positive_int
 from bnfold.errors import ExitCode
-from bnfold.validate import (
-    DEFAULT_ITERATIONS,
-    DEFAULT_TOLERANCES,
-    ProviderRun,
-    ProviderVerdict,
-    ToleranceTable,
-    Verdict,
-    VerifyReport,
-    verify,
-)
+from bnfold.validate.inputs import DEFAULT_ITERATIONS
+from bnfold.validate.report import ProviderRun, ProviderVerdict, Verdict, VerifyReport
+from bnfold.validate.tolerances import DEFAULT_TOLERANCES, ToleranceTable
 
 _STYLE = {
     Verdict.PASSED: "[green]passed[/]",
@@ -179,6 +172,8 @@ def verify_from_args(
     ``candidate_label`` names the candidate in the report (e.g. the final output path when ``candidate`` is
     a staged temporary file).
     """
+    from bnfold.validate.verifier import verify  # (imports onnxruntime: only when a run verifies)
+
     report = verify(
         original,
         candidate,

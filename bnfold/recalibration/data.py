@@ -28,6 +28,8 @@ class NpzBatches:
                 raise UsageError(f"--data {path}: the directory holds no .npz file")
         elif path.is_file():
             files = [path]
+        elif path.exists():
+            raise UsageError(f"--data {path}: not a regular file or directory")
         else:
             raise UsageError(f"--data {path}: no such file or directory")
         self.files = tuple(files)
@@ -40,12 +42,29 @@ class NpzBatches:
             yield read_batch(file)
 
 
+# What ``np.load`` takes for an ``.npz`` (zip) archive: a local file header, or the end record of an empty zip.
+# Anything else it would read as ``.npy`` (an array, not a batch) or pickle (refused, never unpickled).
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
 def read_batch(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of one ``.npz`` file; UsageError for an unreadable file, pickled arrays or no arrays."""
+    """The arrays of one ``.npz`` file; UsageError for an unreadable file, pickled arrays or no arrays.
+
+    Pickles are never loaded (``allow_pickle=False``); a file that is not a zip archive (``.npy``, pickle,
+    empty, random bytes) is refused before numpy looks at it; so are an array whose header declares more memory
+    than can be allocated, and members that are encrypted or use a compression method zipfile lacks.
+    """
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(4)
+    except OSError as error:
+        raise UsageError(f"--data {path}: cannot read ({error.strerror or error})") from error
+    if magic not in ZIP_MAGICS:
+        raise UsageError(f"--data {path}: not a readable .npz file (no zip archive header)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             batch = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, MemoryError, NotImplementedError, RuntimeError, zipfile.BadZipFile) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise UsageError(f"--data {path}: not a readable .npz file ({reason})") from error
     if not batch:

@@ -3,41 +3,46 @@
 ``verify(original, candidate)`` runs both on seeded inputs and returns a :class:`VerifyReport`: per provider
 and output the measured errors (kept apart from the verdict, so a saved report can be re-judged with
 :meth:`VerifyReport.judge`), the verdict under the dtype-keyed :class:`ToleranceTable`, and on a mismatch
-the fold responsible. onnxruntime is imported only inside this package.
+the fold responsible. onnxruntime is imported only inside this package, and only when a name that needs it
+(``verify``) is first used: the names below are imported lazily.
 """
 
-from bnfold.validate.inputs import InputSpec, generate_inputs, input_specs, load_inputs, save_inputs
-from bnfold.validate.metrics import ErrorStats, TensorMetrics
-from bnfold.validate.report import (
-    InputRecord,
-    Judgement,
-    ProbeMetrics,
-    ProviderRun,
-    ProviderVerdict,
-    Verdict,
-    VerifyReport,
-)
-from bnfold.validate.tolerances import DEFAULT_TOLERANCES, Tolerance, ToleranceTable
-from bnfold.validate.verifier import DEFAULT_ITERATIONS, verify
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_ITERATIONS",
-    "DEFAULT_TOLERANCES",
-    "ErrorStats",
-    "InputRecord",
-    "InputSpec",
-    "Judgement",
-    "ProbeMetrics",
-    "ProviderRun",
-    "ProviderVerdict",
-    "TensorMetrics",
-    "Tolerance",
-    "ToleranceTable",
-    "Verdict",
-    "VerifyReport",
-    "generate_inputs",
-    "input_specs",
-    "load_inputs",
-    "save_inputs",
-    "verify",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "DEFAULT_ITERATIONS": "bnfold.validate.inputs",
+    "DEFAULT_TOLERANCES": "bnfold.validate.tolerances",
+    "ErrorStats": "bnfold.validate.metrics",
+    "InputRecord": "bnfold.validate.report",
+    "InputSpec": "bnfold.validate.inputs",
+    "Judgement": "bnfold.validate.report",
+    "ProbeMetrics": "bnfold.validate.report",
+    "ProviderRun": "bnfold.validate.report",
+    "ProviderVerdict": "bnfold.validate.report",
+    "TensorMetrics": "bnfold.validate.metrics",
+    "Tolerance": "bnfold.validate.tolerances",
+    "ToleranceTable": "bnfold.validate.tolerances",
+    "Verdict": "bnfold.validate.report",
+    "VerifyReport": "bnfold.validate.report",
+    "generate_inputs": "bnfold.validate.inputs",
+    "input_specs": "bnfold.validate.inputs",
+    "load_inputs": "bnfold.validate.inputs",
+    "save_inputs": "bnfold.validate.inputs",
+    "verify": "bnfold.validate.verifier",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnfold.validate' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -33,6 +33,8 @@ import onnx_ir as ir
 
 from bnfold.errors import UsageError
 
+# Input batches a verification compares by default (dynamic dims alternate between two sizes across them).
+DEFAULT_ITERATIONS = 3
 LEADING_DIM_SIZES = (1, 2)
 OTHER_DIM_SIZES = (32, 24)
 INTEGER_RANGE = (0, 4)

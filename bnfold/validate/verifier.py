@@ -19,13 +19,13 @@ import onnxruntime
 
 from bnfold.errors import InvalidModelError, ProviderUnavailableError, UsageError, one_line
 from bnfold.validate import inputs as input_batches
+from bnfold.validate.inputs import DEFAULT_ITERATIONS
 from bnfold.validate.metrics import TensorComparator, TensorMetrics
 from bnfold.validate.model_source import ModelInput, ModelSource, load_model_source
 from bnfold.validate.report import InputRecord, ProbeMetrics, ProviderRun, Verdict, VerifyReport, judge_run
 from bnfold.validate.sessions import CPU, CUDA, make_session, resolve_provider, short_name, unavailable_reason
 from bnfold.validate.tolerances import ToleranceTable
 
-DEFAULT_ITERATIONS = 3
 Batch = dict[str, np.ndarray]
 
 

@@ -90,6 +90,37 @@ def test_external_data_input_is_written_with_external_data(tmp_path):
     assert_equivalent(model, folded)
 
 
+def _external_model(directory):
+    source = directory / "big.onnx"
+    spec = ConvBN(in_channels=16, out_channels=16)
+    onnx.save(spec.build(), source, save_as_external_data=True, location="big.weights", size_threshold=64)
+    return source
+
+
+def _files(directory):
+    return {path.name: path.read_bytes() for path in directory.iterdir()}
+
+
+@pytest.mark.parametrize("spelling", ["big.weights", "./big.weights", "link.weights"])
+def test_output_naming_the_inputs_external_data_file_is_a_usage_error(tmp_path, capsys, spelling):
+    source = _external_model(tmp_path)
+    (tmp_path / "link.weights").symlink_to(tmp_path / "big.weights")
+    before = _files(tmp_path)
+    assert main([str(source), "-o", str(tmp_path / spelling), "--no-verify", "-q"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("bnfold: error:") and "which the model is read from" in error and "\n" not in error
+    assert _files(tmp_path) == before  # input and its data untouched, no output, no staging directory left
+
+
+@pytest.mark.parametrize("where", ["missing/report.json", "."])
+def test_unwritable_json_path_is_refused_before_the_output_is_written(model_path, tmp_path, capsys, where):
+    output = tmp_path / "out.onnx"
+    target = str(tmp_path / where)
+    assert main([str(model_path), "-o", str(output), "--no-verify", "-q", "--json", target]) == 2
+    assert "--json" in capsys.readouterr().err
+    assert not output.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx"]
+
+
 def test_list_rules(capsys):
     assert main(["--list-rules"]) == 0
     rules = capsys.readouterr().out.split()
