@@ -115,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         model, fold_report = fold(model)
         console.print(f"folded {len(fold_report.folded)} / {len(fold_report.records)} BatchNormalization")
         exit_code = _verify(recalibrated, model, console)
-    io.save_model(model, output)
+    with io.stage_model(model, output) as staged:
+        staged.commit()
+        if args.in_place:  # the input's previous data file is no longer read by anything (as `fold --in-place`)
+            staged.remove_superseded_data()
     if args.json:
         text = report.to_json()
         if args.json == "-":
