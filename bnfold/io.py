@@ -366,13 +366,18 @@ def is_same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
         return False
 
 
-def files_size_bytes(path: str | os.PathLike, model: ir.Model | None = None) -> int:
-    """Bytes of the model file plus the external data files it references (``<name>.data`` without ``model``)."""
+def files_size_bytes(
+    path: str | os.PathLike, model: ir.Model | None = None, *, read_files: set[Path] | None = None
+) -> int:
+    """Bytes of the model file plus the external data files it references (``<name>.data`` without ``model``).
+
+    ``read_files``: those files (resolved paths), when the caller has them (see :func:`external_files`).
+    """
     path = Path(path)
     total = path.stat().st_size
     files: set[Path] = set()
-    if model is not None:
-        files = external_files(model)
+    if read_files is not None or model is not None:
+        files = set(read_files) if read_files is not None else external_files(model)
     else:
         data = path.parent / external_data_name(path)
         if data.is_file():

@@ -69,7 +69,7 @@ IN_FLIGHT_BYTES = 64 * 1024**2
 # disk, and which they would evict). Offsets and blocks are aligned to DIRECT_IO_ALIGNMENT for it.
 DIRECT_IO = True
 DIRECT_IO_ALIGNMENT = 4096
-# Threads that write the output file (each ``pwrite`` copies into the page cache at its own offset).
+# Threads that write the output file: one computes a deferred weight's next block while the other writes.
 WRITER_THREADS = 2
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -277,7 +277,7 @@ class _Output:
 
     Offsets are reserved in the caller's thread (:attr:`position`); padding is left as a hole (reads as zeros).
     Jobs run on :data:`WRITER_THREADS` threads, so that one computes a deferred weight's next block
-    (:meth:`write_blocks`) while the other copies a block into the page cache (``pwrite``, one at a time). At most
+    (:meth:`write_blocks`) while the other writes one (one write at a time, see :meth:`_write_at`). At most
     :data:`IN_FLIGHT_BYTES` (or one larger buffer) wait to be written; the caller must not change a buffer
     after handing it over. Errors of a writer surface at the next call or at :meth:`close`.
     """
@@ -609,7 +609,6 @@ def _stream_self_contained(proto: onnx.ModelProto, streamed: list[ir.TensorProto
     if streamed:  # (without streamed tensors the initializers keep their order)
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(kept)
-    # (iterated, not ``list()``-ed: upb's list() of a long repeated field is ~100 times slower)
     kept_names = [tensor.name for tensor in proto.graph.initializer]
     _order_value_info_like_initializers(proto.graph, [*kept_names, *(s.name for s in streamed)])
     graph_head = proto.graph.SerializeToString()
@@ -716,10 +715,9 @@ def _fold_to_staged(
 
     make_fold_pass(only, skip, lower_standalone=lower_standalone)  # validates rule names with the API's error message
     model = open_lazily(source)
-    # Just loaded: the files it reads are those the loader recorded (no walk over a large graph needed).
-    read = set(model.meta[io.SOURCE_FILES_META])
+    read = io.external_files(model)  # (one walk over the graph, shared by the three uses below)
     itself = Path(os.path.realpath(source))
-    size_before = itself.stat().st_size + sum(file.stat().st_size for file in read - {itself} if file.is_file())
+    size_before = io.files_size_bytes(source, read_files=read)
     for file in read - {itself}:  # (replacing the model file itself is an in-place fold)
         if io.is_same_file(destination, file):
             raise UsageError(f"{destination}: the output would overwrite {file}, which the model is read from")

@@ -168,13 +168,18 @@ def cast_scaled_checked(
     if values.nbytes >= DEFERRED_BYTES and values.dtype in _NATIVE_FLOATS:
         _check_range(*product_range(values, row_scale), dtype, what)
         return ScaledWeight(values, row_scale, dtype.numpy())
-    weight = ScaledWeight(values, row_scale, dtype.numpy())
-    result = np.empty(values.shape, dtype=weight.dtype)
+    row_bytes = 8 * (values.size // values.shape[0])
+    rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    slice_scale = row_scale.ndim == values.ndim and row_scale.shape[0] != 1
+    result = np.empty(values.shape, dtype=dtype.numpy())
+    buffer = np.empty((min(rows, values.shape[0]), *values.shape[1:]), dtype=np.float64)
     limit = _finfo_max(dtype)
     high, low = -np.inf, np.inf
-    wide = weight.wide_buffer()
-    for start, stop in weight.block_bounds():
-        block = weight.product(start, stop, wide)
+    for start in range(0, values.shape[0], rows):
+        stop = min(start + rows, values.shape[0])
+        block = buffer[: stop - start]
+        np.copyto(block, values[start:stop])  # (widening is exact; then one float64 multiply in place)
+        np.multiply(block, row_scale[start:stop] if slice_scale else row_scale, out=block)
         block_high, block_low = float(block.max()), float(block.min())
         if np.isnan(block_high) or np.isnan(block_low):
             high = low = float("nan")  # (Python's max/min would drop a NaN)
@@ -212,7 +217,7 @@ class ScaledWeight:
     """The array ``np.multiply(values, row_scale, dtype=np.float64).astype(dtype)``, computed whenever it is read.
 
     A planned weight of a large layer. It behaves as a read-only array for ``numpy.asarray`` (and so for
-    ``onnx_ir.Tensor``), computed in blocks of leading-axis rows in parallel threads; a writer streams
+    ``onnx_ir.Tensor``), computed in runs of leading-axis rows by parallel threads; a writer streams
     :meth:`blocks` instead, so neither the float64 product nor the cast result ever exists whole. The
     arithmetic per element is the one of :func:`cast_scaled_checked` (bit-identical). Its range is checked
     before it is made; ``values`` (a read-only initializer) must not change while the weight is alive.
@@ -226,25 +231,7 @@ class ScaledWeight:
         self.ndim = values.ndim
         self.size = values.size
         self.nbytes = values.size * self.dtype.itemsize
-        row_bytes = 8 * (values.size // values.shape[0]) if values.shape[0] else 8
-        self.rows_per_block = max(1, BLOCK_BYTES // max(row_bytes, 1))
         self._slice_scale = row_scale.ndim == values.ndim and row_scale.shape[0] != 1
-
-    def block_bounds(self, first: int = 0, last: int | None = None) -> list[tuple[int, int]]:
-        """``(start, stop)`` leading-axis rows of each block of rows ``first:last``."""
-        last = self.shape[0] if last is None else last
-        return [(start, min(start + self.rows_per_block, last)) for start in range(first, last, self.rows_per_block)]
-
-    def wide_buffer(self) -> np.ndarray:
-        """A float64 buffer for one block (pass it to :meth:`product`)."""
-        return np.empty((min(self.rows_per_block, self.shape[0]), *self.shape[1:]), dtype=np.float64)
-
-    def product(self, start: int, stop: int, wide: np.ndarray) -> np.ndarray:
-        """The float64 product of rows ``start:stop``, in ``wide`` (widening is exact, then one multiply)."""
-        block = wide[: stop - start]
-        np.copyto(block, self.values[start:stop])
-        np.multiply(block, self.row_scale[start:stop] if self._slice_scale else self.row_scale, out=block)
-        return block
 
     def block_rows(self, alignment: int = 1) -> int:
         """Rows per block of :meth:`blocks`: about ``STREAM_BLOCK_BYTES`` of result, and a multiple of the rows
@@ -256,10 +243,10 @@ class ScaledWeight:
     def blocks(self, buffer: np.ndarray, rows: int) -> Iterator[np.ndarray]:
         """The result as consecutive blocks of ``rows`` leading-axis rows (C order; the last may be shorter).
 
-        Each block is one numpy call (widen, float64 multiply, cast on store: bit-identical to the blocked
-        product) that runs without the GIL, so a writer thread computing blocks hardly waits for the thread
-        that walks the graph. Blocks are stored at the start of ``buffer`` (a C-contiguous ``uint8`` array of at
-        least ``rows`` rows of result) and are valid until the next block is requested.
+        Each block is one numpy call (widen, float64 multiply, cast on store: bit-identical to
+        :func:`cast_scaled_checked`) that runs without the GIL, so a writer thread computing blocks hardly waits
+        for the thread that walks the graph. Blocks are stored at the start of ``buffer`` (a C-contiguous
+        ``uint8`` array of at least ``rows`` rows of result) and are valid until the next block is requested.
         """
         row_bytes = self.nbytes // max(self.shape[0], 1)
         for start in range(0, self.shape[0], rows):
@@ -273,13 +260,11 @@ class ScaledWeight:
         result = np.empty(self.shape, dtype=self.dtype)
 
         def fill(first: int, last: int) -> None:
-            wide = self.wide_buffer()
-            for start, stop in self.block_bounds(first, last):
-                np.copyto(result[start:stop], self.product(start, stop, wide), casting="unsafe")
+            scale = self.row_scale[first:last] if self._slice_scale else self.row_scale
+            np.multiply(self.values[first:last], scale, out=result[first:last], dtype=np.float64, casting="unsafe")
 
-        blocks = len(self.block_bounds())
-        workers = min(_worker_count(), blocks)
-        bounds = [min(self.shape[0], (blocks * index // workers) * self.rows_per_block) for index in range(workers + 1)]
+        workers = min(_worker_count(), self.shape[0])  # contiguous runs of rows, one per thread
+        bounds = [self.shape[0] * index // workers for index in range(workers + 1)]
         _parallel_map(fill, [(first, last) for first, last in itertools.pairwise(bounds) if last > first])
         return result if dtype is None else result.astype(dtype, copy=False)
 
