@@ -1,16 +1,20 @@
 """Compare bnfold with other BatchNormalization folders on the model zoo and write the table to BENCHMARKS.md.
 
-For every model (the zoo's TorchScript opset-17 fp32 files, a few other export paths, and — with
-``--third-party`` — the installed third-party models of ``models/third_party.py``):
+For every model (the zoo's TorchScript opset-17 fp32 files and raw dynamo opset-18 exports
+(``optimize=False``), a few other export paths, and — with ``--third-party`` — the installed third-party models
+of ``models/third_party.py``):
 
 - bnfold: BN total / folded / skipped (by reason), max abs error vs the original (onnxruntime CPU,
   optimisations off, seeded inputs, via ``bnfold.validate.verify``), node count and file size before/after,
   and onnxruntime latency (batch 1, one thread, median) of original vs folded with optimisations disabled
   and at the default level (``ORT_ENABLE_ALL``);
 - peers, run on the same files in the same run: onnxslim (``onnxslim.slim``), onnxsim
-  (``onnxsim.simplify``), onnxscript's BN rewrite rules (``fuse_batchnorm_into_{conv,conv_transpose,gemm}``)
-  and onnxruntime's offline optimisation (``optimized_model_filepath`` at ``ORT_ENABLE_BASIC``): BN folded
-  (BN nodes before − after), max abs error and verdict under the same check.
+  (``onnxsim.simplify``), onnxscript's BN rewrite rules alone (``fuse_batchnorm_into_{conv,conv_transpose,gemm}``),
+  onnxscript's optimizer (``onnxscript.optimizer.optimize``: constant folding + its default rewrite rules, what
+  ``torch.onnx.export(dynamo=True)`` runs by default) and onnxruntime's offline optimisation
+  (``optimized_model_filepath`` at ``ORT_ENABLE_BASIC``): BN folded (BN nodes before − after), max abs error and
+  verdict under the same check;
+- totals per export kind: BNs folded by each tool over all zoo files of that kind.
 
 Usage (from the repository root; peers: ``pip install -e '.[bench]'``)::
 
@@ -43,7 +47,7 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY_ROOT))
 
 import bnfold  # noqa: E402
-from bnfold import io as bnfold_io  # noqa: E402
+from bnfold import files as bnfold_files  # noqa: E402
 from bnfold.validate import generate_inputs, input_specs, verify  # noqa: E402
 from models.build import Variant, build_variant, count_ops, prepared_model  # noqa: E402
 from models.export import Exporter  # noqa: E402
@@ -52,19 +56,32 @@ from models.zoo import ZOO  # noqa: E402
 
 BEGIN_MARKER = "<!-- models-table:begin -->"
 END_MARKER = "<!-- models-table:end -->"
-PEERS = ("onnxslim", "onnxsim", "onnxscript", "ort-basic")
+PEERS = ("onnxslim", "onnxsim", "onnxscript", "onnxscript-opt", "ort-basic")
+PEER_TITLES = {
+    "bnfold": "bnfold",
+    "onnxslim": "onnxslim",
+    "onnxsim": "onnxsim",
+    "onnxscript": "onnxscript BN rules",
+    "onnxscript-opt": "onnxscript optimizer",
+    "ort-basic": "onnxruntime offline (basic)",
+}
 LATENCY_LEVELS = {
     "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
-#: Export paths benchmarked besides TorchScript opset 17 fp32 (which every zoo model gets).
+#: Export paths every zoo model gets: TorchScript opset 17 fp32 and the raw dynamo export (``optimize=False``,
+#: the recipe of docs/rules.md; bias-less Convs get a zero bias computed at run time).
+EVERY_MODEL_VARIANTS: tuple[Variant, ...] = (Variant(Exporter.TORCHSCRIPT, 17), Variant(Exporter.DYNAMO, 18))
+
+#: Export paths benchmarked for some models only.
 EXTRA_VARIANTS: tuple[tuple[str, Variant], ...] = (
     ("resnet_basic", Variant(Exporter.TORCHSCRIPT, 17, "float16")),
     ("resnet_basic", Variant(Exporter.TORCHSCRIPT, 9, initializers_as_inputs=True)),
     ("resnet_basic", Variant(Exporter.TORCHSCRIPT, 9, initializers_as_inputs=True, ir3=True)),
-    ("resnet_basic", Variant(Exporter.DYNAMO, 18)),
     ("resnet_basic", Variant(Exporter.DYNAMO, 18, constant_folded=True)),
+    ("levit", Variant(Exporter.DYNAMO, 18, constant_folded=True)),
+    ("mixnet", Variant(Exporter.DYNAMO, 18, constant_folded=True)),
     ("unet", Variant(Exporter.DYNAMO, 18, "float16", constant_folded=True)),
 )
 
@@ -79,6 +96,7 @@ class Subject:
 
     label: str
     path: Path
+    kind: str = "third-party"
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     reference: Reference | None = None
 
@@ -99,9 +117,10 @@ class ToolOutcome:
 
 @dataclass
 class Comparison:
-    """All measurements of one subject."""
+    """All measurements of one subject (``kind``: the zoo variant tag, or ``third-party``)."""
 
     label: str
+    kind: str
     batchnorms: int
     nodes_before: int
     size_before: int
@@ -117,7 +136,7 @@ class Comparison:
 def run_bnfold(source: Path, target: Path) -> dict[str, int]:
     """Fold with bnfold's API; returns the skip counts by reason."""
     folded, report = bnfold.fold(source)
-    bnfold_io.save_model(folded, target)
+    bnfold_files.save_model(folded, target)
     return dict(report.to_dict()["skipped_by_reason"])
 
 
@@ -147,6 +166,14 @@ def run_onnxscript(source: Path, target: Path) -> None:
     ir.save(rewriter.rewrite(model, pattern_rewrite_rules=rules), target)
 
 
+def run_onnxscript_optimizer(source: Path, target: Path) -> None:
+    import onnxscript.optimizer
+
+    model = ir.load(source)
+    onnxscript.optimizer.optimize(model)
+    ir.save(model, target)
+
+
 def run_ort_basic(source: Path, target: Path) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -158,6 +185,7 @@ PEER_RUNNERS: dict[str, Callable[[Path, Path], None]] = {
     "onnxslim": run_onnxslim,
     "onnxsim": run_onnxsim,
     "onnxscript": run_onnxscript,
+    "onnxscript-opt": run_onnxscript_optimizer,
     "ort-basic": run_ort_basic,
 }
 
@@ -175,7 +203,7 @@ def measure(subject: Subject, candidate: Path, outcome: ToolOutcome) -> None:
     model = ir.load(candidate)
     outcome.batchnorms_after = count_ops(model, "BatchNormalization")
     outcome.nodes_after = sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
-    outcome.size_after = bnfold_io.files_size_bytes(candidate)
+    outcome.size_after = bnfold_files.files_size_bytes(candidate)
     report = verify(subject.path, candidate, input_shapes=subject.input_shapes or None)
     outcome.verdict = str(report.verdict)
     errors = [metrics.errors.max_abs for run in report.runs for metrics in run.outputs if metrics.errors is not None]
@@ -227,9 +255,10 @@ def compare(subject: Subject, work: Path, runs: int, peers: Sequence[str]) -> Co
     original = ir.load(subject.path)
     comparison = Comparison(
         label=subject.label,
+        kind=subject.kind,
         batchnorms=count_ops(original, "BatchNormalization"),
         nodes_before=sum(1 for _ in ir.traversal.RecursiveGraphIterator(original.graph)),
-        size_before=bnfold_io.files_size_bytes(subject.path),
+        size_before=bnfold_files.files_size_bytes(subject.path),
         original_fp64_error=fp64_error(subject, subject.path),
     )
     stem = subject.label.replace("/", "_")
@@ -290,10 +319,15 @@ def torch_reference(name: str) -> Reference:
 
 def zoo_subjects(zoo_dir: Path, names: Sequence[str] | None) -> list[Subject]:
     selected = [entry.name for entry in ZOO if not names or entry.name in names]
-    cases = [(name, Variant(Exporter.TORCHSCRIPT, 17)) for name in selected]
+    cases = [(name, variant) for variant in EVERY_MODEL_VARIANTS for name in selected]
     cases += [(name, variant) for name, variant in EXTRA_VARIANTS if name in selected]
     return [
-        Subject(f"{name} ({variant.tag})", build_variant(name, variant, zoo_dir), reference=torch_reference(name))
+        Subject(
+            f"{name} ({variant.tag})",
+            build_variant(name, variant, zoo_dir),
+            kind=variant.tag,
+            reference=torch_reference(name),
+        )
         for name, variant in cases
     ]
 
@@ -303,7 +337,9 @@ def third_party_subjects() -> list[Subject]:
     for model in THIRD_PARTY:
         path = locate(model)
         if path is not None and model.runnable:
-            subjects.append(Subject(f"{model.name} ({model.distribution})", path, dict(model.input_shapes)))
+            subjects.append(
+                Subject(f"{model.name} ({model.distribution})", path, input_shapes=dict(model.input_shapes))
+            )
     return subjects
 
 
@@ -367,16 +403,18 @@ def render_table(comparisons: Sequence[Comparison], runs: int) -> str:
             f"| {fmt_size(comparison.size_before)} → {fmt_size(bnfold_outcome.size_after)} "
             f"| {pair('off')} | {pair('default')} |"
         )
+    tools = ("bnfold", *PEERS)
     lines += [
         "",
         "### Same files, other tools: BN folded / max abs err vs original (vs fp64 reference; verdict if not passed)",
         "",
-        "| model | BN | bnfold | onnxslim | onnxsim | onnxscript BN rules | onnxruntime offline (basic) |",
-        "|---|---:|---|---|---|---|---|",
+        "| model | BN | " + " | ".join(PEER_TITLES[tool] for tool in tools) + " |",
+        "|---|---:|" + "---|" * len(tools),
     ]
     for comparison in comparisons:
-        cells = " | ".join(peer_cell(comparison, tool) for tool in ("bnfold", *PEERS))
+        cells = " | ".join(peer_cell(comparison, tool) for tool in tools)
         lines.append(f"| {comparison.label} | {comparison.batchnorms} | {cells} |")
+    lines += ["", *render_totals(comparisons, tools)]
     failures = [
         f"- {comparison.label}, {tool}: {outcome.error}"
         for comparison in comparisons
@@ -386,6 +424,33 @@ def render_table(comparisons: Sequence[Comparison], runs: int) -> str:
     if failures:
         lines += ["", "Failures:", "", *failures]
     return "\n".join(lines)
+
+
+def folded_count(comparison: Comparison, tool: str) -> int:
+    """BNs ``tool`` removed from the file while verification passed (0 for a failed or wrong result)."""
+    outcome = comparison.tools.get(tool)
+    if outcome is None or outcome.batchnorms_after is None or outcome.verdict != "passed":
+        return 0
+    return comparison.batchnorms - outcome.batchnorms_after
+
+
+def render_totals(comparisons: Sequence[Comparison], tools: Sequence[str]) -> list[str]:
+    """BNs folded (with a passed verification) per tool, summed over the zoo files of each export kind."""
+    kinds = list(dict.fromkeys(comparison.kind for comparison in comparisons if comparison.kind != "third-party"))
+    lines = [
+        "### Totals over the zoo: BN folded (verification passed) / BN in the files, per export kind",
+        "",
+        "| export kind | files | " + " | ".join(PEER_TITLES[tool] for tool in tools) + " |",
+        "|---|---:|" + "---|" * len(tools),
+    ]
+    for kind in kinds:
+        selected = [comparison for comparison in comparisons if comparison.kind == kind]
+        total = sum(comparison.batchnorms for comparison in selected)
+        cells = " | ".join(
+            f"{sum(folded_count(comparison, tool) for comparison in selected)} / {total}" for tool in tools
+        )
+        lines.append(f"| {kind} | {len(selected)} | {cells} |")
+    return lines
 
 
 def peer_versions() -> str:

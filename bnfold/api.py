@@ -1,4 +1,9 @@
-"""The Python API behind the CLI: fold and check. No printing, no rendering."""
+"""The Python API: fold and check a model in memory. No printing, no rendering.
+
+Files are folded by :func:`bnfold.workflow.fold_file` (stage → verify → commit), which the CLI uses; these
+functions work on a model object and return it, for callers that save it themselves
+(:func:`bnfold.files.save_model`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,11 @@ from collections.abc import Iterable
 import onnx
 import onnx_ir as ir
 
-from bnfold.errors import UsageError
+from bnfold.files.load import as_model
 from bnfold.gc_pause import gc_paused
-from bnfold.io import as_model
 from bnfold.passes import FoldBatchNormPass
 from bnfold.report import FoldReport
+from bnfold.workflow import FoldOptions
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
 
@@ -24,12 +29,7 @@ def make_fold_pass(
     lower_standalone: bool = False,
 ) -> FoldBatchNormPass:
     """The fold pass with rules enabled by ``only``/``skip``; unknown rule names raise :class:`UsageError`."""
-    if isinstance(only, str) or isinstance(skip, str):
-        raise UsageError("only/skip take a list of rule names, not a single string")
-    try:
-        return FoldBatchNormPass(only=only, skip=skip, lower_standalone=lower_standalone)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
+    return FoldOptions(only=only, skip=skip, lower_standalone=lower_standalone).make_pass()
 
 
 def fold(
@@ -38,6 +38,7 @@ def fold(
     only: Iterable[str] | None = None,
     skip: Iterable[str] | None = None,
     lower_standalone: bool = False,
+    options: FoldOptions | None = None,
 ) -> tuple[ir.Model, FoldReport]:
     """Fold every foldable BatchNormalization; return the folded model and a report on every BN.
 
@@ -45,9 +46,12 @@ def fold(
     ``onnx_ir.Model``. An ``onnx_ir.Model`` is folded **in place** and returned; pass ``model.clone()`` to
     keep the original. ``only``/``skip`` take rule names (see ``bnfold.passes.rule_names()``).
     ``lower_standalone=True`` replaces every BN that no rule folds by one per-channel ``Mul`` + ``Add``
-    (records with rule ``lower_standalone``).
+    (records with rule ``lower_standalone``). ``options`` (a :class:`~bnfold.workflow.FoldOptions`) replaces
+    the three keywords and carries the rest.
     """
-    fold_pass = make_fold_pass(only, skip, lower_standalone=lower_standalone)
+    if options is None:
+        options = FoldOptions(only=only, skip=skip, lower_standalone=lower_standalone)
+    fold_pass = options.make_pass()
     with gc_paused():
         result = fold_pass(as_model(model))
     return result.model, result.report
@@ -58,7 +62,8 @@ def check(
     *,
     only: Iterable[str] | None = None,
     skip: Iterable[str] | None = None,
+    options: FoldOptions | None = None,
 ) -> FoldReport:
     """Which BatchNormalization nodes could still be folded (``report.folded``); the input is not changed."""
     loaded = model.clone() if isinstance(model, ir.Model) else as_model(model)
-    return fold(loaded, only=only, skip=skip)[1]
+    return fold(loaded, only=only, skip=skip, options=options)[1]

@@ -1,9 +1,11 @@
-"""Fold many model files with a process pool; one :class:`BatchResult` per model, in completion order.
+"""Fold many model files with a process pool; one :class:`~bnfold.workflow.FoldOutcome` per model, as they finish.
 
-Each model goes through the streaming fold (:func:`bnfold.streaming.fold_to_staged`): fold into a staged
-output, verify the staged files when a verifier is given, commit only if verification passed. Worker processes
-are started once (``forkserver`` with bnfold pre-imported) and reused for every model they take, so the import
-of bnfold, onnxruntime and the verifier's setup is paid once per worker, not once per model. Nothing here prints.
+Each model goes through the same workflow as a single model (:func:`bnfold.workflow.fold_file`: stage, verify
+when :class:`~bnfold.validate.options.VerifyOptions` are given, commit unless verification failed), with the
+same frozen options, so batch and single mode write the same files and agree on exit codes. Worker processes
+are started once (``forkserver`` with the workflow, and the verifier when verifying, pre-imported) and reused
+for every model they take, so imports and onnxruntime's setup are paid once per worker, not once per model.
+Nothing here prints.
 """
 
 from __future__ import annotations
@@ -13,134 +15,70 @@ import dataclasses
 import multiprocessing
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
-from bnfold import streaming
 from bnfold.errors import BnfoldError, ExitCode, UsageError
-from bnfold.report import FoldReport
+from bnfold.workflow import FoldOptions, FoldOutcome, fold_file
 
+if TYPE_CHECKING:
+    from bnfold.validate.options import VerifyOptions
 
-class Verifier(Protocol):
-    """Compares ``original`` with the staged ``candidate``; ``probes`` maps tensors to compare to node names.
-
-    Must be picklable (a module-level function or a ``functools.partial`` of one) to run in a worker. The
-    returned report needs ``passed`` and ``to_dict()``; only those cross the process boundary.
-    """
-
-    def __call__(self, original: str, candidate: str, probes: Mapping[str, str]) -> Any: ...
+# What the worker server imports before forking workers; the verifier's modules only when a run verifies.
+WORKFLOW_MODULES = ("bnfold.workflow",)
+VERIFY_MODULES = ("bnfold.validate.options", "bnfold.validate.verifier")
 
 
 @dataclasses.dataclass(frozen=True)
 class FoldJob:
-    """Fold ``source`` into ``destination`` (``destination == source`` folds in place)."""
+    """Fold ``source`` into ``destination`` (``destination == source`` folds in place); ``keep_failed``: where
+    to save the candidate when verification fails (``None``: nowhere)."""
 
     source: str
     destination: str
-    only: tuple[str, ...] | None = None
-    skip: tuple[str, ...] | None = None
-    lower_standalone: bool = False
+    keep_failed: str | None = None
 
     @property
     def in_place(self) -> bool:
         return os.path.abspath(self.source) == os.path.abspath(self.destination)
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchResult:
-    """What happened to one model. ``destination`` is ``None`` when nothing was written."""
-
-    job: FoldJob
-    exit_code: int
-    seconds: float
-    report: FoldReport | None = None
-    destination: str | None = None
-    size_before: int | None = None
-    size_after: int | None = None
-    verified: bool | None = None  # None: not verified
-    verification: dict[str, Any] | None = None  # the verifier report's to_dict()
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == ExitCode.OK
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "input": self.job.source,
-            "output": self.destination,
-            "exit_code": self.exit_code,
-            "error": self.error,
-            "size_before": self.size_before,
-            "size_after": self.size_after,
-            "seconds": round(self.seconds, 6),
-            "fold": self.report.to_dict() if self.report is not None else None,
-            "verify": self.verification,
-        }
-
-
-def fold_job(job: FoldJob, verifier: Verifier | None = None) -> BatchResult:
-    """Fold one model: stage, verify (if ``verifier``), commit when verification passed. Never raises a
-    :class:`~bnfold.errors.BnfoldError`: it becomes the result's ``error`` and ``exit_code``."""
+def run_job(job: FoldJob, options: FoldOptions, verify: VerifyOptions | None = None) -> FoldOutcome:
+    """:func:`~bnfold.workflow.fold_file` for one job; an error becomes the outcome's ``error`` and ``exit_code``
+    (one broken model must not stop the batch). The outcome is detached (picklable)."""
     started = time.perf_counter()
     try:
-        folded = streaming.fold_to_staged(
-            job.source, job.destination, only=job.only, skip=job.skip, lower_standalone=job.lower_standalone
-        )
-        verification = None
-        with folded.staged as staged:
-            if verifier is not None:
-                probes = folded.report.probe_tensors()
-                verification = verifier(job.source, os.fspath(staged.path), probes)
-            passed = verification is None or verification.passed
-            size_after = staged.size_bytes() if passed else None
-            if passed:
-                staged.commit()
-                if job.in_place:
-                    staged.remove_superseded_data()
-        return BatchResult(
-            job=job,
-            exit_code=ExitCode.OK if passed else ExitCode.FAILED,
-            seconds=time.perf_counter() - started,
-            report=folded.report,
-            destination=job.destination if passed else None,
-            size_before=folded.size_before,
-            size_after=size_after,
-            verified=None if verification is None else not verification.failed,
-            verification=None if verification is None else verification.to_dict(),
-            error=None if passed else "verification failed; nothing written",
-        )
+        return fold_file(job.source, job.destination, options, verify, keep_failed=job.keep_failed).detached()
     except BnfoldError as error:
-        return BatchResult(job, int(error.exit_code), time.perf_counter() - started, error=str(error))
-    except Exception as error:  # one broken model must not stop the batch
-        message = f"internal error: {type(error).__name__}: {error}"
-        return BatchResult(job, ExitCode.FAILED, time.perf_counter() - started, error=message)
+        code, message = int(error.exit_code), str(error)
+    except Exception as error:
+        code, message = int(ExitCode.FAILED), f"internal error: {type(error).__name__}: {error}"
+    return FoldOutcome(job.source, job.destination, code, time.perf_counter() - started, error=message)
 
 
 def fold_jobs(
     jobs: Iterable[FoldJob],
+    options: FoldOptions,
+    verify: VerifyOptions | None = None,
     *,
     workers: int,
-    verifier: Verifier | None = None,
-    preload: Iterable[str] = (),
-) -> Iterator[BatchResult]:
-    """Fold every job, ``workers`` at a time, yielding results as they complete.
+) -> Iterator[FoldOutcome]:
+    """Fold every job, ``workers`` at a time, yielding outcomes as they complete.
 
-    ``workers == 1`` (or a single job) runs in this process. ``preload`` names modules the worker server
-    imports once before forking workers (for instance the verifier's module).
+    ``workers == 1`` (or a single job) runs in this process.
     """
     jobs = list(jobs)
     if workers < 1:
         raise ValueError("workers must be >= 1")
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
-            yield fold_job(job, verifier)
+            yield run_job(job, options, verify)
         return
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["bnfold.batch", *preload])
+    context.set_forkserver_preload([*WORKFLOW_MODULES, *(VERIFY_MODULES if verify is not None else ())])
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-        futures = {pool.submit(fold_job, job, verifier): job for job in jobs}
+        futures = {pool.submit(run_job, job, options, verify): job for job in jobs}
         try:
             for future in concurrent.futures.as_completed(futures):
                 try:
@@ -148,7 +86,7 @@ def fold_jobs(
                 except Exception as error:  # the worker died (killed, out of memory): report, go on
                     job = futures[future]
                     message = f"worker failed: {type(error).__name__}: {error}"
-                    yield BatchResult(job, ExitCode.FAILED, 0.0, error=message)
+                    yield FoldOutcome(job.source, job.destination, int(ExitCode.FAILED), 0.0, error=message)
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -171,6 +109,6 @@ def output_paths(sources: Iterable[str], directory: str | os.PathLike) -> list[s
     return [os.fspath(directory / Path(source).name) for source in sources]
 
 
-def batch_exit_code(results: Iterable[BatchResult]) -> int:
+def batch_exit_code(outcomes: Iterable[FoldOutcome]) -> int:
     """0 when every model succeeded, else the largest exit code among them (see ``bnfold --help``)."""
-    return max((result.exit_code for result in results), default=int(ExitCode.OK))
+    return max((outcome.exit_code for outcome in outcomes), default=int(ExitCode.OK))

@@ -16,6 +16,8 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     INVALID_MODEL = 3
     PROVIDER_UNAVAILABLE = 4
+    RUNTIME_MISSING = 5  # the command needs onnxruntime and no onnxruntime distribution is installed
+    WRITE_FAILED = 6  # an output could not be written (disk full, read-only, permission); nothing was replaced
 
 
 class BnfoldError(Exception):
@@ -40,6 +42,18 @@ class ProviderUnavailableError(BnfoldError):
     """A requested onnxruntime execution provider is not really available (``--require-provider``)."""
 
     exit_code = ExitCode.PROVIDER_UNAVAILABLE
+
+
+class RuntimeMissingError(BnfoldError):
+    """The command needs onnxruntime (to verify, recalibrate or probe) and none is installed."""
+
+    exit_code = ExitCode.RUNTIME_MISSING
+
+
+class WriteFailedError(BnfoldError):
+    """An output file could not be written (the message names the path the user gave, not a staging file)."""
+
+    exit_code = ExitCode.WRITE_FAILED
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

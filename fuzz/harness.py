@@ -24,8 +24,9 @@ from pathlib import Path
 
 import onnx
 
-from bnfold import api, io
+from bnfold import api, files
 from bnfold.errors import BnfoldError
+from bnfold.workflow import stage_fold
 from fuzz.seeds import Case
 
 OK = "ok"
@@ -119,43 +120,34 @@ PIPELINES = (API, STREAMING, LOWER_STANDALONE, LOWER_TRAINING)
 
 
 # Thresholds that make every non-empty fuzz-sized file take the CLI's wire-level lazy loader (16 MiB / 64 KiB
-# by default; an empty file is below any real threshold and goes to ``io.load_model``, as in production).
+# by default; an empty file is below any real threshold and goes to ``files.load_model``, as in production).
 SMALL_STREAMING_THRESHOLDS = {"LAZY_FILE_BYTES": 1, "LAZY_TENSOR_BYTES": 16}
 
 
 def use_small_streaming_thresholds() -> None:
-    """Set :data:`SMALL_STREAMING_THRESHOLDS` in ``bnfold.streaming`` (for a whole worker process)."""
-    streaming = _streaming()
-    if streaming is not None:
-        for name, value in SMALL_STREAMING_THRESHOLDS.items():
-            setattr(streaming, name, value)
+    """Set :data:`SMALL_STREAMING_THRESHOLDS` in ``bnfold.files.load`` (for a whole worker process)."""
+    from bnfold.files import load
 
-
-def _streaming():
-    try:
-        from bnfold import streaming
-    except ImportError:  # pragma: no cover - before the streaming writer existed
-        return None
-    return streaming
+    for name, value in SMALL_STREAMING_THRESHOLDS.items():
+        setattr(load, name, value)
 
 
 def _fold_and_save(source: Path, output: Path, pipeline: str) -> None:
     """load → fold → save ``source`` to ``output`` the way ``pipeline`` does it."""
-    streaming = _streaming() if pipeline == STREAMING else None
-    if streaming is not None:
-        folded = streaming.fold_to_staged(source, output)
+    if pipeline == STREAMING:
+        folded = stage_fold(source, output)
         with folded.staged as staged:
             staged.commit()
         return
-    model = io.load_model(source)
+    model = files.load_model(source)
     if pipeline == LOWER_TRAINING:
         from bnfold.training import lower_training
 
         lowered, _count = lower_training(model)
-        io.save_model(lowered, output)
+        files.save_model(lowered, output)
         return
     folded_model, _report = api.fold(model, lower_standalone=pipeline == LOWER_STANDALONE)
-    io.save_model(folded_model, output)
+    files.save_model(folded_model, output)
 
 
 def run_case(case: Case, scratch: Path | None = None, pipeline: str = API) -> Outcome:
@@ -190,7 +182,7 @@ def _run_in(case: Case, root: Path, pipeline: str) -> Outcome:
             except Exception as error:
                 return _failure(CHECKER, "checker", error, input_valid)
         try:
-            io.load_model(output)
+            files.load_model(output)
         except Exception as error:
             return _failure(RELOAD, "reload", error, input_valid)
     if _digest(source_dir) != before:

@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from models.audio import audio_cnn
+from models.convmixer import convmixer
 from models.densenet import densenet
 from models.efficientnet import efficientnet_b0
+from models.face_head import face_head
+from models.levit import levit
+from models.mixnet import mixnet
 from models.mlp import mlp
 from models.mobilenet import mobilenet_v2, mobilenet_v3
 from models.resnet import demo_resnet, resnet_basic, resnet_bottleneck, resnext
@@ -28,9 +32,24 @@ class ZooEntry:
 
     ``family`` groups entries in reports; ``producers`` names the ops the exported BNs follow;
     ``seed`` fixes construction and calibration; ``note`` says what the entry exercises.
-    ``unfoldable_batchnorms`` counts the BNs that by construction follow no Conv/ConvTranspose/Linear
-    (pre-activation BNs reading a Concat or a pooling); ``linear_batchnorms`` counts the BNs after a
-    ``Linear`` (exported as Gemm or MatMul). Every other BN follows a Conv or ConvTranspose.
+
+    The counts sort the BNs by how they can be folded, from the architecture alone (each BN in one class;
+    ``tests/models`` checks them against the exported graph):
+
+    - ``unfoldable_batchnorms``: no linear neighbour to fold into in either direction (pre-activation BNs
+      reading a Concat or a pooling that feeds a ReLU; ConvMixer's BNs after GELU that feed a padded
+      depthwise Conv and a residual Add);
+    - ``linear_batchnorms``: after a ``Linear`` (exported as Gemm or MatMul), folded backwards;
+    - ``forward_linear_batchnorms``: no producer to fold into, but the BN's output reaches one ``Linear`` alone,
+      possibly through ``Dropout``/``Identity``, ``Flatten`` (or a Reshape that flattens) and global average
+      pooling (``GlobalAveragePool``/``ReduceMean`` over the spatial axes): folded forward into that Gemm/MatMul;
+    - ``token_linear_batchnorms``: LeViT's Linear+BN, ``MatMul`` on ``[B, N, C]`` tokens → ``Flatten``/
+      ``Reshape`` to ``[B·N, C]`` → BN → ``Reshape`` back: folded backwards through the flatten into the
+      MatMul's weight columns;
+    - ``concat_batchnorms``: after a ``Concat`` (along channels) of Convs each read only by that Concat
+      (MixNet's mixed kernels): split per input channel range and folded into each Conv.
+
+    Every other BN follows a Conv or ConvTranspose and is folded backwards.
     """
 
     name: str
@@ -44,6 +63,9 @@ class ZooEntry:
     output_name: str = "output"
     unfoldable_batchnorms: int = 0
     linear_batchnorms: int = 0
+    forward_linear_batchnorms: int = 0
+    token_linear_batchnorms: int = 0
+    concat_batchnorms: int = 0
 
 
 ZOO: tuple[ZooEntry, ...] = (
@@ -98,6 +120,49 @@ ZOO: tuple[ZooEntry, ...] = (
         "Gemm / MatMul",
         "Linear+BatchNorm1d, one Linear without bias",
         linear_batchnorms=2,
+    ),
+    ZooEntry(
+        "levit",
+        "levit",
+        levit,
+        (3, 32, 32),
+        113,
+        "Conv, MatMul (3-D) → Flatten/Reshape, ReduceMean",
+        "LeViT Linear+BN on tokens (bn(linear(x).flatten(0, 1)).reshape_as(x)), tiny attention, BN1d+Linear head",
+        forward_linear_batchnorms=1,
+        token_linear_batchnorms=8,
+    ),
+    ZooEntry(
+        "mixnet",
+        "mixnet",
+        mixnet,
+        (3, 32, 32),
+        114,
+        "Conv, Concat of Convs",
+        "mixed-kernel depthwise 3/5/7 and split 1x1 convs: Split → Convs → Concat → BN, SE",
+        concat_batchnorms=4,
+    ),
+    ZooEntry(
+        "face_head",
+        "face",
+        face_head,
+        (3, 32, 32),
+        115,
+        "Conv, Gemm; forward into Gemm",
+        "iResNet face embedding: BN2d → Dropout → Flatten → Linear → BN1d; MLP Linear → ReLU → BN1d → Linear",
+        linear_batchnorms=1,
+        forward_linear_batchnorms=2,
+    ),
+    ZooEntry(
+        "convmixer",
+        "convmixer",
+        convmixer,
+        (3, 32, 32),
+        116,
+        "GELU; forward through pooling into Gemm",
+        "Conv → GELU → BN everywhere: residual BNs stay, the last folds through AvgPool → Flatten into the head",
+        unfoldable_batchnorms=4,
+        forward_linear_batchnorms=1,
     ),
     ZooEntry(
         "demo_resnet", "resnet", demo_resnet, (3, 32, 32), 2024, "Conv", "the README demo network", output_name="logits"

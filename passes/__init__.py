@@ -1,28 +1,28 @@
 """bnfold's graph passes on ``onnx_ir`` (installed as ``bnfold.passes``).
 
 One fold rule per neighbour op lives in its own module (``conv.py``, ``conv_transpose.py``, ``gemm.py``,
-``matmul.py``, ``forward_conv.py``); the driver :class:`FoldBatchNormPass` loops over every BatchNormalization
-and hands its producer (directly or through ``Add(constant)``, see ``through_add.py``) or its consumer to the
-matching rule. :class:`LowerStandaloneBatchNormPass` lowers what is left to ``Mul`` + ``Add``;
-:class:`DecomposeTrainingBatchNorm` rewrites training-mode BatchNormalization into primitive ops.
+``matmul.py``, ``forward_conv.py``, ...), listed in :data:`DEFAULT_RULES` (``registry.py``); the driver
+:class:`FoldBatchNormPass` (``fold_batch_norm.py``) loops over every BatchNormalization and hands its producer
+(directly, or through ``Add(constant)`` and a channel-keeping reshape, see ``through_add.py`` and
+``through_reshape.py``; a ``Concat`` is split over its inputs, ``concat_split.py``) or its consumer to the matching
+rule.
+``rule.py`` is the rule contract, ``weights.py`` the checks every weight-carrying rule starts with,
+``casting.py`` the one checked cast of planned tensors. :class:`LowerStandaloneBatchNormPass` lowers what is
+left to ``Mul`` + ``Add``. (Training-mode BatchNormalization is lowered by
+:class:`bnfold.training.decompose.DecomposeTrainingBatchNorm`.)
+
+This package is the lowest layer: it imports onnx, onnx_ir, numpy, ml_dtypes and itself only (enforced by
+``passes/ruff.toml`` and ``tests/test_layers.py``).
 """
 
-from bnfold.passes.decompose_training import DecomposeTrainingBatchNorm
-from bnfold.passes.fold_batch_norm import (
-    DEFAULT_RULES,
-    FoldBatchNormPass,
-    FoldedCallback,
-    FoldResult,
-    count_nodes,
-    rule_names,
-    select_rules,
-)
+from bnfold.passes.fold_batch_norm import FoldBatchNormPass, FoldedCallback, FoldResult, count_nodes
 from bnfold.passes.lower_standalone import LowerStandaloneBatchNormPass
 from bnfold.passes.reasons import Skip, SkipReason
+from bnfold.passes.registry import DEFAULT_RULES, AnyRule, rule_names, select_rules
 
 __all__ = [
     "DEFAULT_RULES",
-    "DecomposeTrainingBatchNorm",
+    "AnyRule",
     "FoldBatchNormPass",
     "FoldResult",
     "FoldedCallback",

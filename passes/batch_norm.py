@@ -57,7 +57,7 @@ def batch_norm_affine(node: ir.Node, constants: ConstantResolver) -> Affine:
     params = [constants.array(value) for value in node.inputs[1:5]]
     missing = [name for name, array in zip(("scale", "B", "mean", "var"), params, strict=True) if array is None]
     if missing:
-        raise Skip(SkipReason.BN_PARAMS_NOT_CONSTANT, f"{', '.join(missing)} not constant")
+        raise _params_skip(node, params, constants)
     shapes = [array.shape for array in params]
     if any(len(shape) != 1 for shape in shapes) or len(set(shapes)) != 1:
         raise Skip(
@@ -71,3 +71,18 @@ def batch_norm_affine(node: ir.Node, constants: ConstantResolver) -> Affine:
     # The attribute is a float32; widen exactly, and widen the default the same way a runtime sees it.
     epsilon = float(np.float32(DEFAULT_EPSILON)) if epsilon_attribute is None else epsilon_attribute.as_float()
     return Affine.from_batch_norm(*params, epsilon=epsilon)
+
+
+def _params_skip(node: ir.Node, params: list[np.ndarray | None], constants: ConstantResolver) -> Skip:
+    """``BN_PARAMS_ARE_GRAPH_INPUTS`` when every missing parameter is an overridable initializer input (naming
+    them), else ``BN_PARAMS_NOT_CONSTANT``."""
+    named = zip(("scale", "B", "mean", "var"), node.inputs[1:5], params, strict=True)
+    missing = [(name, value) for name, value, array in named if array is None]
+    if all(constants.is_overridable_input(value) for _, value in missing):
+        inputs = ", ".join(f"{name} {value.name!r}" for name, value in missing)
+        return Skip(
+            SkipReason.BN_PARAMS_ARE_GRAPH_INPUTS,
+            f"{inputs}: initializers also listed as graph inputs, overridable at run time"
+            " (freeze them with --freeze-initializer-inputs)",
+        )
+    return Skip(SkipReason.BN_PARAMS_NOT_CONSTANT, f"{', '.join(name for name, _ in missing)} not constant")

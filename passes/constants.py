@@ -5,8 +5,14 @@ A value is constant when it is
 - an initializer that is not a graph input — or, in IR < 4 models, where every initializer is also listed as
   a graph input, any initializer (this is how Caffe2 and old PyTorch exported weights);
 - the output of a ``Constant`` node (``value``, ``value_float(s)``, ``value_int(s)``);
-- the output of ``ConstantOfShape`` whose shape input is constant;
-- the output of ``Identity`` of a constant.
+- the output of one of the few ops :mod:`bnfold.passes.constant_eval` evaluates (``Identity``, ``Shape``,
+  ``Cast``, ``CastLike``, ``Reshape``, ``Unsqueeze``, ``Squeeze``, ``Concat``, ``Expand``, ``ConstantOfShape``)
+  whose inputs are constant — what raw dynamo exports compute a bias-less Conv's zero bias with. Evaluation
+  never changes the graph, goes at most :data:`MAX_DEPTH` nodes deep and is size-capped (see that module).
+  Results are memoised per value (a model has thousands of values); an output of ``Constant`` and
+  ``Identity`` is looked up afresh, because the fold may rewrite a ``Constant`` node in place. The fold never
+  rewrites a tensor that an evaluated node reads (the writer rewrites in place only a constant read by the
+  rewritten layer alone), so a memoised result stays true.
 
 Inside a model-local function body there are no initializers: weights are ``Constant`` nodes, and the
 function's inputs are runtime values (a per-call-site specialisation can turn constant call arguments into
@@ -22,17 +28,28 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from bnfold.passes.constant_eval import ElementBudget, evaluate, is_evaluable
 from bnfold.passes.ranks import RankResolver
 
-_MAX_IDENTITY_CHAIN = 64
+#: The longest chain of evaluated nodes (Identity included) below a value; deeper is "not constant".
+MAX_DEPTH = 64
+
+#: Ops whose output is never memoised (cheap, and a ``Constant`` node may be rewritten in place).
+_UNMEMOISED = frozenset({"Constant", "Identity"})
 
 
 class ConstantResolver:
-    """Resolves values to numpy arrays without copying (external tensors are memory-mapped)."""
+    """Resolves values to numpy arrays without copying (external tensors are memory-mapped).
+
+    Arrays are shared: a caller must not write into them.
+    """
 
     def __init__(self, model: ir.Model) -> None:
         self.initializer_inputs_are_constant = (model.ir_version or 0) < 4
         self._ranks = RankResolver(model)
+        self.budget = ElementBudget()
+        self._memo: dict[ir.Value, np.ndarray | None] = {}
+        self._depth = 0
 
     def rank(self, *values: ir.Value | None) -> int | None:
         """The rank of the first of ``values`` whose rank is recorded or can be inferred, else ``None``."""
@@ -50,60 +67,49 @@ class ConstantResolver:
                 return dtype
         return None
 
+    def shape(self, value: ir.Value | None) -> tuple[int | None, ...] | None:
+        """The value's dimensions as recorded or inferred (``None`` per dimension that is not a number), or
+        ``None`` when its rank is unknown."""
+        return self._ranks.shape(value)
+
     def array(self, value: ir.Value | None) -> np.ndarray | None:
         """The value's data, or ``None`` when it is not a compile-time constant."""
-        for _ in range(_MAX_IDENTITY_CHAIN):
-            if value is None:
-                return None
-            if value.is_initializer():
-                if value.is_graph_input() and not self.initializer_inputs_are_constant:
-                    return None
-                return value.const_value.numpy() if value.const_value is not None else None
-            if value.is_graph_input():
-                return None
-            producer = value.producer()
-            if producer is None or producer.domain not in ("", "ai.onnx"):
-                return None
-            if producer.op_type == "Identity":
-                value = producer.inputs[0] if producer.inputs else None
-                continue
-            if producer.op_type == "Constant":
-                return _constant_node_array(producer)
-            if producer.op_type == "ConstantOfShape":
-                return self._constant_of_shape(producer)
+        if value is None:
             return None
-        return None
+        if value.is_initializer():
+            if self.is_overridable_input(value):
+                return None
+            return value.const_value.numpy() if value.const_value is not None else None
+        if value.is_graph_input():
+            return None
+        producer = value.producer()
+        if producer is None or not is_evaluable(producer):
+            return None
+        memoised = producer.op_type not in _UNMEMOISED
+        if memoised and value in self._memo:
+            return self._memo[value]
+        if self._depth >= MAX_DEPTH:
+            return None  # not memoised: from a shallower start the same value may evaluate
+        self._depth += 1
+        try:
+            result = evaluate(producer, self)
+        finally:
+            self._depth -= 1
+        if memoised:
+            if result is not None:
+                result.flags.writeable = False
+            self._memo[value] = result
+        return result
 
     def is_constant(self, value: ir.Value | None) -> bool:
         return self.array(value) is not None
 
-    def _constant_of_shape(self, node: ir.Node) -> np.ndarray | None:
-        shape = self.array(node.inputs[0]) if node.inputs else None
-        if shape is None or shape.ndim != 1 or shape.dtype.kind not in "iu" or np.any(shape < 0):
-            return None
-        if np.prod(shape, dtype=object) > 2**24 or np.any(shape > 2**24):  # no gigabytes from a few bytes
-            return None
-        fill = node.attributes.get("value")
-        if fill is not None and (fill.is_ref() or fill.type != ir.AttributeType.TENSOR):
-            return None
-        fill_array = fill.as_tensor().numpy().reshape(-1) if fill is not None else np.zeros(1, np.float32)
-        if fill_array.size != 1:
-            return None
-        return np.full(tuple(int(d) for d in shape), fill_array[0], dtype=fill_array.dtype)
-
-
-def _constant_node_array(node: ir.Node) -> np.ndarray | None:
-    attributes = node.attributes
-    if any(attribute.is_ref() for attribute in attributes.values()):
-        return None  # a function attribute: its value is only known per call site
-    if "value" in attributes:
-        return attributes["value"].as_tensor().numpy()
-    if "value_float" in attributes:
-        return np.array(attributes["value_float"].as_float(), dtype=np.float32)
-    if "value_floats" in attributes:
-        return np.array(list(attributes["value_floats"].as_floats()), dtype=np.float32)
-    if "value_int" in attributes:
-        return np.array(attributes["value_int"].as_int(), dtype=np.int64)
-    if "value_ints" in attributes:
-        return np.array(list(attributes["value_ints"].as_ints()), dtype=np.int64)
-    return None
+    def is_overridable_input(self, value: ir.Value | None) -> bool:
+        """Whether ``value`` is an initializer also listed as a graph input in an IR >= 4 model: a default the
+        caller may override at run time, so not constant (see :mod:`bnfold.passes.freeze_initializer_inputs`)."""
+        return (
+            value is not None
+            and value.is_initializer()
+            and value.is_graph_input()
+            and not self.initializer_inputs_are_constant
+        )

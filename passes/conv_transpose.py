@@ -22,9 +22,8 @@ import onnx_ir as ir
 
 from bnfold.passes.affine import Affine
 from bnfold.passes.constants import ConstantResolver
-from bnfold.passes.conv import fold_output_channel_bias
-from bnfold.passes.reasons import Skip, SkipReason
-from bnfold.passes.rule import FoldPlan, TensorUpdate, channel_count_matches, constant_input, weight_dtype
+from bnfold.passes.rule import FoldPlan, TensorUpdate, channel_count_matches
+from bnfold.passes.weights import channel_bias, constant_weight, weight_groups, weight_rank
 
 
 class ConvTransposeRule:
@@ -32,31 +31,20 @@ class ConvTransposeRule:
     op_type = "ConvTranspose"
 
     def output_rank(self, producer: ir.Node, constants: ConstantResolver) -> int | None:
-        """The output has the weight's rank (``[N, M, spatial...]`` vs ``[M, C/group, k...]``)."""
-        weight = constants.array(producer.inputs[1]) if len(producer.inputs) > 1 else None
-        return None if weight is None else weight.ndim
+        """The output has the weight's rank (``[N, M, spatial...]`` vs ``[C_in, C_out/group, k...]``)."""
+        return weight_rank(producer, constants)
 
     def plan(self, producer: ir.Node, affine: Affine, constants: ConstantResolver) -> FoldPlan:
-        weight = constant_input(producer, 1, constants, SkipReason.WEIGHT_NOT_CONSTANT)
-        if weight is None:
-            raise Skip(SkipReason.WEIGHT_NOT_CONSTANT, "ConvTranspose has no weight input")
-        weight_value = producer.inputs[1]
-        dtype = weight_dtype(weight_value, weight)
-        group_attribute = producer.attributes.get("group")
-        group = 1 if group_attribute is None else group_attribute.as_int()
-        if weight.ndim < 3 or group < 1 or weight.shape[0] % group:
-            raise Skip(
-                SkipReason.UNSUPPORTED_LAYOUT,
-                f"ConvTranspose weight {weight.shape} does not split into group={group}",
-            )
+        weight = constant_weight(producer, constants)
+        group = weight_groups(producer, weight)
         in_per_group, out_per_group, kernel = weight.shape[0] // group, weight.shape[1], weight.shape[2:]
         channel_count_matches(affine, group * out_per_group, producer)
-        bias = constant_input(producer, 2, constants, SkipReason.BIAS_NOT_CONSTANT)
-        grouped = weight.astype(np.float64).reshape(group, in_per_group, out_per_group, *kernel)
+        bias = channel_bias(producer, constants, affine.channels, weight)
+        grouped = weight.array.astype(np.float64).reshape(group, in_per_group, out_per_group, *kernel)
         scale = affine.scale.reshape((group, 1, out_per_group) + (1,) * len(kernel))
         return FoldPlan(
             updates=(
-                TensorUpdate(producer, 1, (grouped * scale).reshape(weight.shape), dtype, weight_value.name),
-                fold_output_channel_bias(producer, bias, affine, dtype, weight_value.name),
+                TensorUpdate(producer, 1, (grouped * scale).reshape(weight.shape), weight.dtype, weight.name),
+                TensorUpdate(producer, 2, bias.values * affine.scale + affine.shift, weight.dtype, bias.name_hint),
             )
         )

@@ -33,14 +33,8 @@ import onnx_ir as ir
 from bnfold.passes.affine import Affine
 from bnfold.passes.constants import ConstantResolver
 from bnfold.passes.reasons import Skip, SkipReason
-from bnfold.passes.rule import (
-    FoldPlan,
-    TensorUpdate,
-    channel_count_matches,
-    constant_input,
-    int_attribute,
-    weight_dtype,
-)
+from bnfold.passes.rule import FoldPlan, TensorUpdate, channel_count_matches
+from bnfold.passes.weights import channel_bias, constant_weight, weight_groups
 
 
 def check_no_padding(conv: ir.Node, kernel: tuple[int, ...]) -> None:
@@ -67,29 +61,19 @@ class ForwardConvRule:
     op_type = "Conv"
 
     def plan_forward(self, consumer: ir.Node, affine: Affine, constants: ConstantResolver) -> FoldPlan:
-        weight = constant_input(consumer, 1, constants, SkipReason.WEIGHT_NOT_CONSTANT)
-        if weight is None:
-            raise Skip(SkipReason.WEIGHT_NOT_CONSTANT, "Conv has no weight input")
-        weight_value = consumer.inputs[1]
-        dtype = weight_dtype(weight_value, weight)
-        group = int_attribute(consumer, "group", 1)
-        if weight.ndim < 3 or group < 1 or weight.shape[0] % group:
-            raise Skip(SkipReason.UNSUPPORTED_LAYOUT, f"Conv weight {weight.shape} does not split into group={group}")
+        weight = constant_weight(consumer, constants)
+        group = weight_groups(consumer, weight)
         out_channels, in_per_group, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
         channel_count_matches(affine, group * in_per_group, consumer)
         check_no_padding(consumer, kernel)
-        bias = constant_input(consumer, 2, constants, SkipReason.BIAS_NOT_CONSTANT)
-        if bias is not None and bias.shape != (out_channels,):
-            raise Skip(SkipReason.UNSUPPORTED_LAYOUT, f"bias shape {bias.shape} is not ({out_channels},)")
-        grouped = weight.astype(np.float64).reshape(group, out_channels // group, in_per_group, *kernel)
+        bias = channel_bias(consumer, constants, out_channels, weight)
+        grouped = weight.array.astype(np.float64).reshape(group, out_channels // group, in_per_group, *kernel)
         per_input = (group, 1, in_per_group) + (1,) * len(kernel)
         folded_weight = (grouped * affine.scale.reshape(per_input)).reshape(weight.shape)
         shift_term = (grouped * affine.shift.reshape(per_input)).sum(axis=tuple(range(2, grouped.ndim)))
-        bias64 = np.zeros(out_channels) if bias is None else bias.astype(np.float64)
-        hint = consumer.inputs[2].name if bias is not None else f"{weight_value.name}_bias"
         return FoldPlan(
             updates=(
-                TensorUpdate(consumer, 1, folded_weight, dtype, weight_value.name),
-                TensorUpdate(consumer, 2, bias64 + shift_term.reshape(out_channels), dtype, hint),
+                TensorUpdate(consumer, 1, folded_weight, weight.dtype, weight.name),
+                TensorUpdate(consumer, 2, bias.values + shift_term.reshape(out_channels), weight.dtype, bias.name_hint),
             )
         )

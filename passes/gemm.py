@@ -44,8 +44,8 @@ from bnfold.passes.rule import (
     constant_input,
     float_attribute,
     int_attribute,
-    weight_dtype,
 )
+from bnfold.passes.weights import constant_weight, input_name
 
 
 def _gemm_bias(producer: ir.Node, beta: float, features: int, constants: ConstantResolver) -> np.ndarray:
@@ -68,25 +68,18 @@ class GemmRule:
         return 2
 
     def plan(self, producer: ir.Node, affine: Affine, constants: ConstantResolver) -> FoldPlan:
-        weight = constant_input(producer, 1, constants, SkipReason.WEIGHT_NOT_CONSTANT)
-        if weight is None:
-            raise Skip(SkipReason.WEIGHT_NOT_CONSTANT, "Gemm has no B input")
-        weight_value = producer.inputs[1]
-        dtype = weight_dtype(weight_value, weight)
-        if weight.ndim != 2:
-            raise Skip(SkipReason.UNSUPPORTED_LAYOUT, f"Gemm B has rank {weight.ndim}, expected 2")
+        weight = constant_weight(producer, constants, label="B", rank=2)
         transposed = int_attribute(producer, "transB", 0) != 0
         features = weight.shape[0] if transposed else weight.shape[1]
         channel_count_matches(affine, features, producer)
         beta = float_attribute(producer, "beta", 1.0)
         bias = _gemm_bias(producer, beta, features, constants)
         per_feature = affine.scale.reshape(-1, 1) if transposed else affine.scale.reshape(1, -1)
-        has_bias = len(producer.inputs) > 2 and producer.inputs[2] is not None
-        bias_hint = producer.inputs[2].name if has_bias else f"{weight_value.name}_C"
+        bias_hint = input_name(producer, 2, f"{weight.name}_C")
         return FoldPlan(
             updates=(
-                TensorUpdate(producer, 1, weight, dtype, weight_value.name, row_scale=per_feature),
-                TensorUpdate(producer, 2, bias * affine.scale + affine.shift, dtype, bias_hint),
+                TensorUpdate(producer, 1, weight.array, weight.dtype, weight.name, row_scale=per_feature),
+                TensorUpdate(producer, 2, bias * affine.scale + affine.shift, weight.dtype, bias_hint),
             ),
             attributes=(AttributeUpdate(producer, ir.Attr("beta", ir.AttributeType.FLOAT, 1.0)),),
         )

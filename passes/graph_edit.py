@@ -9,7 +9,8 @@
   initializers) they are ``Constant`` nodes placed right before their first reader.
 - The BN is bypassed by giving its ``Y`` name to the tensor that now carries its value: downstream nodes,
   graph outputs and anyone comparing tensors by name see the same names as before.
-- Values the edit leaves without readers (BN parameters, replaced constants) are removed, nothing else.
+- Values the edit leaves without readers (BN parameters, replaced constants, the nodes that computed a
+  replaced constant) are removed, nothing else.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import itertools
 import numpy as np
 import onnx_ir as ir
 
+from bnfold.passes.constant_eval import is_evaluable
 from bnfold.passes.rule import TensorUpdate
 from bnfold.passes.scopes import model_graphs
 
@@ -143,7 +145,13 @@ class TensorWriter:
         )
 
     def prune_orphans(self) -> None:
-        """Remove initializers and constant-producing nodes that this edit left without readers."""
+        """Remove initializers and constant-computing nodes that this edit left without readers.
+
+        A node is removed only when it is one of the ops :mod:`~bnfold.passes.constant_eval` evaluates and none
+        of its outputs has a reader or is a graph output; its inputs are then checked in turn, so a whole
+        computed chain (raw dynamo's ``Expand(CastLike(0, X), Shape(W))`` bias) goes once the fold replaced
+        it. Graph inputs, overridable initializers and nodes of other ops are never removed.
+        """
         pending = list(self.maybe_orphaned)
         self.maybe_orphaned.clear()
         while pending:
@@ -162,8 +170,7 @@ class TensorWriter:
             if (
                 producer is not None
                 and producer.graph is not None  # not removed already: a value may be listed twice
-                and producer.op_type in ("Constant", "Identity", "ConstantOfShape")
-                and producer.domain in ("", "ai.onnx")
+                and is_evaluable(producer)  # a node computing a constant (Shape, Expand, CastLike, ...)
                 and not any(output.uses() or output.is_graph_output() for output in producer.outputs)
             ):
                 inputs = list(producer.inputs)
@@ -215,7 +222,40 @@ def replace_with_channel_affine(
     return tuple(nodes)
 
 
+def remove_batch_norm_rewiring(batch_norm: ir.Node) -> None:
+    """Remove ``batch_norm`` and let every reader of its ``Y`` read its ``X`` instead (``X`` keeps its name).
+
+    For a forward fold: the first node after the BN now reads ``X``, and so does a node that reads only
+    ``Y``'s shape (``Shape``, ``Size``; TorchScript's ``x.view(x.size(0), -1)``), which the BN does not change.
+    ``Y`` must not be a graph output.
+    """
+    batch_norm.outputs[0].replace_all_uses_with(batch_norm.inputs[0])
+    batch_norm.graph.remove(batch_norm, safe=True)
+
+
 def remove_batch_norm_before(batch_norm: ir.Node, consumer: ir.Node) -> None:
     """Remove ``batch_norm`` whose only reader is input 0 of ``consumer``; ``consumer`` reads BN's ``X``."""
     consumer.replace_input_with(0, batch_norm.inputs[0])
     batch_norm.graph.remove(batch_norm, safe=True)
+
+
+def add_after(node: ir.Node, shift: ir.Value, names: NameAllocator) -> ir.Node:
+    """Insert ``Add(Y, shift)`` right after single-output ``node`` and let the Add emit ``Y`` in its stead.
+
+    The Add takes over ``Y``'s name, type, shape, readers and graph-output slots; ``node``'s output gets a fresh
+    name and is read by the Add alone. Used by a forward fold into a layer without a bias input (MatMul), whose
+    shift must be added after it. Returns the new Add.
+    """
+    y = node.outputs[0]
+    base = node.name or node.op_type
+    add = ir.node("Add", [y, shift], name=names.fresh_node(f"{base}_shift"))
+    node.graph.insert_after(node, add)
+    shifted = add.outputs[0]
+    y.replace_all_uses_with(shifted, replace_graph_outputs=True)
+    add.replace_input_with(0, y)  # (the line above also moved the Add's own read of Y)
+    name = y.name
+    if name:
+        y.name = names.fresh(f"{name}_unshifted")
+        shifted.name = name
+    shifted.type, shifted.shape = y.type, y.shape
+    return add

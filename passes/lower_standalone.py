@@ -26,11 +26,12 @@ import onnx_ir as ir
 
 from bnfold.passes.affine import Affine
 from bnfold.passes.batch_norm import is_batch_norm
+from bnfold.passes.casting import cast_checked
 from bnfold.passes.constants import ConstantResolver
 from bnfold.passes.graph_edit import NameAllocator, TensorWriter, replace_with_channel_affine
 from bnfold.passes.reasons import Skip, SkipReason
 from bnfold.passes.records import BatchNormRecord, FoldReport, FoldStatus
-from bnfold.passes.rule import FOLDABLE_DTYPES, cast_checked, channel_shape
+from bnfold.passes.rule import FOLDABLE_DTYPES, channel_shape
 from bnfold.passes.scopes import (
     FoldResult,
     count_nodes,

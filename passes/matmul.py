@@ -32,7 +32,8 @@ import onnx_ir as ir
 from bnfold.passes.affine import Affine
 from bnfold.passes.constants import ConstantResolver
 from bnfold.passes.reasons import Skip, SkipReason
-from bnfold.passes.rule import FoldPlan, TensorUpdate, channel_count_matches, constant_input, weight_dtype
+from bnfold.passes.rule import FoldPlan, TensorUpdate, channel_count_matches
+from bnfold.passes.weights import constant_weight
 
 
 class MatMulRule:
@@ -49,13 +50,7 @@ class MatMulRule:
         return a_rank if a_rank >= 2 else 1  # a 2-D weight keeps A's rank; a 1-D A drops an axis
 
     def plan(self, producer: ir.Node, affine: Affine, constants: ConstantResolver) -> FoldPlan:
-        weight = constant_input(producer, 1, constants, SkipReason.WEIGHT_NOT_CONSTANT)
-        if weight is None or len(producer.inputs) < 2:
-            raise Skip(SkipReason.WEIGHT_NOT_CONSTANT, "MatMul has no second input")
-        weight_value = producer.inputs[1]
-        dtype = weight_dtype(weight_value, weight)
-        if weight.ndim != 2:
-            raise Skip(SkipReason.UNSUPPORTED_LAYOUT, f"MatMul weight has rank {weight.ndim}, expected 2")
+        weight = constant_weight(producer, constants, missing="second input", rank=2)
         rank = self.output_rank(producer, constants)
         if rank is None:
             raise Skip(SkipReason.RANK_UNKNOWN, "ONNX shape inference cannot tell the rank of the MatMul output")
@@ -66,7 +61,7 @@ class MatMulRule:
             )
         channel_count_matches(affine, weight.shape[1], producer)
         return FoldPlan(
-            updates=(TensorUpdate(producer, 1, weight, dtype, weight_value.name, row_scale=affine.scale),),
+            updates=(TensorUpdate(producer, 1, weight.array, weight.dtype, weight.name, row_scale=affine.scale),),
             residual_shift=affine.shift,
-            residual_dtype=dtype,
+            residual_dtype=weight.dtype,
         )

@@ -17,7 +17,7 @@ import onnx_ir as ir
 class RankResolver:
     def __init__(self, model: ir.Model) -> None:
         self._model = model
-        self._inferred: dict[str, tuple[int | None, ir.DataType | None]] | None = None
+        self._inferred: dict[str, _Facts] | None = None
 
     def rank(self, value: ir.Value | None) -> int | None:
         """The value's rank, or ``None`` when neither the model nor shape inference knows it."""
@@ -35,15 +35,28 @@ class RankResolver:
             return value.dtype
         return self._lookup(value)[1]
 
-    def _lookup(self, value: ir.Value) -> tuple[int | None, ir.DataType | None]:
+    def shape(self, value: ir.Value | None) -> tuple[int | None, ...] | None:
+        """The value's dimensions (``None`` for a dimension that is not a fixed number), or ``None`` when the rank
+        is unknown. A recorded shape is used as is; when the model records none, shape inference's."""
+        if value is None:
+            return None
+        if value.shape is not None:
+            return tuple(dim if isinstance(dim, int) else None for dim in value.shape)
+        return self._lookup(value)[2]
+
+    def _lookup(self, value: ir.Value) -> _Facts:
         if not value.name or value.graph is None or value.graph not in set(self._model.graphs()):
-            return (None, None)
+            return (None, None, None)
         if self._inferred is None:
             self._inferred = _infer(self._model)
-        return self._inferred.get(value.name, (None, None))
+        return self._inferred.get(value.name, (None, None, None))
 
 
-def _infer(model: ir.Model) -> dict[str, tuple[int | None, ir.DataType | None]]:
+# What shape inference tells of one value: its rank, element type and dimensions (``None`` when not a number).
+_Facts = tuple[int | None, ir.DataType | None, tuple[int | None, ...] | None]
+
+
+def _infer(model: ir.Model) -> dict[str, _Facts]:
     weightless = model.clone()  # shares tensors; only the copy's graph structure is changed below
     graph = weightless.graph
     for name, value in list(graph.initializers.items()):
@@ -61,19 +74,21 @@ def _infer(model: ir.Model) -> dict[str, tuple[int | None, ir.DataType | None]]:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # best effort: a model that cannot be serialised or inferred just has unknown ranks
         return {}
-    facts: dict[str, tuple[int | None, ir.DataType | None]] = {}
+    facts: dict[str, _Facts] = {}
     _collect(inferred.graph, facts)
     return facts
 
 
-def _collect(graph: onnx.GraphProto, facts: dict[str, tuple[int | None, ir.DataType | None]]) -> None:
+def _collect(graph: onnx.GraphProto, facts: dict[str, _Facts]) -> None:
     for value in [*graph.input, *graph.output, *graph.value_info]:
         if not value.type.HasField("tensor_type"):
             continue
         tensor_type = value.type.tensor_type
-        rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+        dims = None
+        if tensor_type.HasField("shape"):
+            dims = tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim)
         dtype = ir.DataType(tensor_type.elem_type) if tensor_type.elem_type else None
-        facts.setdefault(value.name, (rank, dtype))
+        facts.setdefault(value.name, (None if dims is None else len(dims), dtype, dims))
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.HasField("g"):

@@ -42,6 +42,9 @@ class BatchNormRecord:
         producer_node: that node's name.
         rule: the rule that folded it (``"conv"``, ``"conv_transpose"``, ...), if any.
         scale_min, scale_max: range of the per-channel scale ``γ/√(var+ε)`` when the params are constant.
+        precision_cost: for a backward fold (and a ``FOLD_LOSES_PRECISION`` skip), how many times larger the
+            folded layer's rounding error in the weights' dtype is estimated to be than the original's
+            (:mod:`~bnfold.passes.precision`); ``None`` where not estimated.
     """
 
     node: str
@@ -55,6 +58,7 @@ class BatchNormRecord:
     rule: str | None = None
     scale_min: float | None = None
     scale_max: float | None = None
+    precision_cost: float | None = None
 
     @property
     def folded(self) -> bool:
@@ -74,6 +78,8 @@ class FoldReport:
     records: tuple[BatchNormRecord, ...]
     nodes_before: int
     nodes_after: int
+    frozen_inputs: tuple[str, ...] = ()
+    """Graph inputs whose initializers were frozen into constants first (``freeze_initializer_inputs``)."""
 
     @property
     def folded(self) -> tuple[BatchNormRecord, ...]:
@@ -106,6 +112,7 @@ class FoldReport:
             "skipped_by_reason": {reason.value: count for reason, count in self.skipped_by_reason.items()},
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
+            "frozen_inputs": list(self.frozen_inputs),
             "records": [record.to_dict() for record in self.records],
         }
 

@@ -129,6 +129,7 @@ def new_record(
     neighbour: ir.Node | None = None,
     rule: str | None = None,
     affine: Affine | None = None,
+    precision_cost: float | None = None,
 ) -> BatchNormRecord:
     """The record of BN ``node``, the ``index``-th node of its scope, built once.
 
@@ -150,6 +151,7 @@ def new_record(
         rule=rule,
         scale_min=scale_min,
         scale_max=scale_max,
+        precision_cost=precision_cost,
     )
 
 

@@ -33,7 +33,9 @@ EXIT_CODES_EPILOG = """exit codes:
   1  verification mismatch, or `check` found a foldable BatchNormalization
   2  usage error
   3  unreadable or invalid model
-  4  a provider required with --require-provider is unavailable"""
+  4  a provider required with --require-provider is unavailable
+  5  the command needs onnxruntime and none is installed
+  6  an output could not be written (disk full, read-only, permission); nothing was replaced"""
 
 
 class _Parser(argparse.ArgumentParser):

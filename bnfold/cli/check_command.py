@@ -8,7 +8,6 @@ models are still checked and reported).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from rich.table import Table
 
 from bnfold import api
 from bnfold.cli.arg_types import comma_list
-from bnfold.cli.verify_command import write_text
+from bnfold.cli.render import write_json
 from bnfold.errors import ExitCode, InvalidModelError
 from bnfold.report import FoldReport
 from bnfold.validate.github_summary import append_step_summary
@@ -136,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
             "foldable_total": sum(len(check.foldable) for check in checks),
             "models": [check.to_dict() for check in checks],
         }
-        write_text(args.json, json.dumps(document, indent=2), flag="--json")
+        write_json(args.json, document)
     if args.junit_xml:
         write_junit_xml(args.junit_xml, [JUnitSuite("bnfold check", junit_cases(checks))])
     append_step_summary(markdown(checks))

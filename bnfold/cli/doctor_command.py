@@ -1,23 +1,24 @@
 """``bnfold doctor``: which onnxruntime is installed, which providers really execute, and the versions.
 
-Exit codes: 0 healthy; 1 a problem was found (two onnxruntime distributions installed together, none
-installed, or a provider listed as available whose probe session did not execute on it); 4 a provider named
-with ``--providers`` does not really execute.
+Exit codes: 0 healthy; 1 a problem was found (two onnxruntime distributions installed together, or a provider
+listed as available whose probe session did not execute on it); 4 a provider named with ``--providers`` does
+not really execute; 5 no onnxruntime is installed (the message says what to install).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from bnfold.cli.verify_command import write_text
 from bnfold.errors import ExitCode
-from bnfold.validate.environment import RuntimeReport, inspect_runtime
-from bnfold.validate.sessions import resolve_provider
+from bnfold.runtime import require_onnxruntime
+
+if TYPE_CHECKING:
+    from bnfold.validate.environment import RuntimeReport
 
 NAME = "doctor"
 HELP = "show the onnxruntime installation, probe each execution provider, and print versions"
@@ -63,11 +64,16 @@ def render(console: Console, report: RuntimeReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_onnxruntime("bnfold doctor")  # (validate imports onnxruntime: check first, for a one-line error)
+    from bnfold.cli.render import write_json
+    from bnfold.validate.environment import inspect_runtime
+    from bnfold.validate.sessions import resolve_provider
+
     providers = [resolve_provider(name) for name in args.providers] if args.providers else None
     report = inspect_runtime(providers)
     render(Console(file=sys.stderr if args.json == "-" else sys.stdout), report)
     if args.json:
-        write_text(args.json, json.dumps(report.to_dict(), indent=2), flag="--json")
+        write_json(args.json, report.to_dict())
     if providers and not all(probe.works for probe in report.probes):
         return int(ExitCode.PROVIDER_UNAVAILABLE)
     return int(ExitCode.FAILED if report.problems else ExitCode.OK)

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bnfold.errors import UsageError
-from bnfold.io import is_same_file
+from bnfold.files.paths import is_same_file
 
 
 def check_output_path(source: Path, output: Path, remedy: str) -> None:

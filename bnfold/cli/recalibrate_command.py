@@ -7,18 +7,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from bnfold import io
 from bnfold.cli.output_paths import check_json_path, check_not_read, check_output_path
+from bnfold.cli.render import render_recalibration, write_json
 from bnfold.errors import ExitCode, UsageError
+from bnfold.files import SOURCE_FILES_META, load_model, stage_model
 
 if TYPE_CHECKING:  # the API imports onnxruntime: keep `bnfold --help` light
     import onnx_ir as ir
 
-    from bnfold.recalibration import RecalibrationReport
 
 NAME = "recalibrate"
 HELP = (
@@ -82,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
     check_json_path(args.json)
     batches = NpzBatches(args.data)
     check_not_read(output, batches.files, "the --data file")
-    model = io.load_model(source)
+    model = load_model(source)
     if not args.in_place:  # in place, the model file is replaced on purpose; its data files never are (io)
-        check_not_read(output, model.meta.get(io.SOURCE_FILES_META, ()), "a file the model is read from:")
+        check_not_read(output, model.meta.get(SOURCE_FILES_META, ()), "a file the model is read from:")
     console = Console(quiet=args.quiet, highlight=False, stderr=args.json == "-")  # stdout carries the JSON
     errors = Console(stderr=True)
     with Progress(
@@ -108,53 +106,26 @@ def run(args: argparse.Namespace) -> int:
             match_torch=args.match_torch,
             progress=advance,
         )
-    _render(console, report, output, args.verbose)
+    render_recalibration(console, report, output, verbose=args.verbose)
     exit_code = ExitCode.OK
     if args.fold:
         recalibrated = model.clone()
         model, fold_report = fold(model)
         console.print(f"folded {len(fold_report.folded)} / {len(fold_report.records)} BatchNormalization")
         exit_code = _verify(recalibrated, model, console)
-    with io.stage_model(model, output) as staged:
+    with stage_model(model, output) as staged:
         staged.commit()
         if args.in_place:  # the input's previous data file is no longer read by anything (as `fold --in-place`)
             staged.remove_superseded_data()
     if args.json:
-        text = report.to_json()
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+        write_json(args.json, report.to_json())
     return exit_code
 
 
 def _verify(recalibrated: ir.Model, folded: ir.Model, console: Console) -> int:
-    from bnfold.validate import verify
+    from bnfold.validate.options import VerifyOptions, verify_with
 
-    result = verify(recalibrated, folded, providers=("cpu",))
+    result = verify_with(recalibrated, folded, VerifyOptions(providers=("cpu",)))
     verdict = "passed" if result.passed else "FAILED"
     console.print(f"verify (folded against recalibrated, cpu): {verdict}")
     return ExitCode.OK if result.passed else ExitCode.FAILED
-
-
-def _render(console: Console, report: RecalibrationReport, output: Path, verbose: bool) -> None:
-    mode = "update_bn (match-torch)" if report.mode == "match_torch" else f"pooled, {report.convention} variance"
-    console.print(
-        f"recalibrated {len(report.recalibrated)} BatchNormalization ({mode}; {report.batches} batch(es), "
-        f"{report.passes} pass(es)); skipped {len(report.skipped)}: {escape(str(output))}",
-        soft_wrap=True,
-    )
-    if not verbose:
-        return
-    table = Table("BatchNormalization", "status", "generation", "channels", "max |Δmean|", "max var ratio", "reason")
-    for record in report.records:
-        table.add_row(
-            escape(record.node),
-            record.status,
-            "" if record.generation is None else str(record.generation),
-            "" if record.channels is None else str(record.channels),
-            "" if record.max_mean_change is None else f"{record.max_mean_change:.3g}",
-            "" if record.max_var_ratio is None else f"{record.max_var_ratio:.3g}",
-            escape(record.reason or ""),
-        )
-    console.print(table)

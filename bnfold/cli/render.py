@@ -1,11 +1,28 @@
-"""Rich rendering of fold results. Only the CLI prints; this module turns report objects into tables."""
+"""Rich rendering of fold results. Only the CLI prints; this module turns report objects into tables and lines,
+and writes the machine-readable reports (:func:`write_json`)."""
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from bnfold.errors import UsageError
 from bnfold.report import FoldReport, FoldStatus
+
+if TYPE_CHECKING:
+    from bnfold.recalibration import RecalibrationReport
+    from bnfold.workflow import FoldOutcome
+
+T = TypeVar("T")
 
 _STATUS_STYLE = {
     FoldStatus.FOLDED: "[green]folded[/]",
@@ -38,6 +55,8 @@ def render_fold_summary(
     table.add_column(style="bold")
     table.add_column()
     table.add_row("BatchNormalization folded", f"{len(report.folded)} / {len(report.records)}")
+    if report.frozen_inputs:
+        table.add_row("frozen graph inputs", _name_list(report.frozen_inputs))
     if report.lowered:
         table.add_row("  lowered to Mul + Add", str(len(report.lowered)))
     for reason, count in report.skipped_by_reason.items():
@@ -48,12 +67,27 @@ def render_fold_summary(
     table.add_row("output", destination or "(not written)")
     table.add_row("time", f"{seconds:.2f} s")
     console.print(table)
+    if not report.records:
+        console.print(NO_BATCH_NORM_NOTE)
+
+
+NO_BATCH_NORM_NOTE = (
+    "This model has no BatchNormalization: nothing to fold. Both torch exporters already fuse Conv+BN in eval"
+    " mode by default (TorchScript's constant folding, dynamo's onnxscript optimizer). If BNs were expected,"
+    " export with training=torch.onnx.TrainingMode.PRESERVE (TorchScript) or dynamo=True, optimize=False, then"
+    " fold with bnfold to get a report and a verified result."
+)
+
+
+def _name_list(names: tuple[str, ...], shown: int = 5) -> str:
+    listed = ", ".join(names[:shown])
+    return f"{len(names)}: {listed}" + (f", … (+{len(names) - shown} more)" if len(names) > shown else "")
 
 
 def render_fold_records(console: Console, report: FoldReport) -> None:
     """One row per BatchNormalization: what happened and why (``-v``)."""
     table = Table(title="BatchNormalization nodes", title_justify="left")
-    for column in ("node", "graph", "producer", "status", "reason / detail", "scale range"):
+    for column in ("node", "graph", "producer", "status", "reason / detail", "scale range", "precision cost"):
         table.add_column(column)
     for record in report.records:
         scale = (
@@ -64,5 +98,134 @@ def render_fold_records(console: Console, report: FoldReport) -> None:
         reason = f"{record.reason.value}: {record.detail}" if record.reason else record.detail
         status = _STATUS_STYLE[record.status]
         producer = f"{record.producer} {record.producer_node!r}" if record.producer else "-"
-        table.add_row(record.node, record.graph, producer, status, reason, scale)
+        cost = f"{record.precision_cost:.3g}x" if record.precision_cost is not None else "-"
+        table.add_row(record.node, record.graph, producer, status, reason, scale, cost)
     console.print(table)
+
+
+def write_json(target: str, document: dict[str, Any] | str, *, flag: str = "--json") -> None:
+    """Write a JSON report (a document, or text already JSON) to ``target``; ``-``: stdout.
+
+    The one JSON writer of the CLI: every ``--json`` goes through it. An unwritable path is a usage error.
+    """
+    text = document if isinstance(document, str) else json.dumps(document, indent=2)
+    text = text if text.endswith("\n") else text + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(target).write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"{flag} {target}: cannot write ({error.strerror or error})") from error
+
+
+def render_batch_outcome(console: Console, outcome: FoldOutcome, *, verbose: bool) -> None:
+    """One line for one model of a batch: ``✓ a.onnx → out/a.onnx: 3/3 BN folded, sizes, time, verdict``."""
+    source = outcome.source
+    report = outcome.report
+    if report is None:
+        console.print(Text.assemble(("✗ ", "bold red"), f"{source}: error: {outcome.error}"), soft_wrap=True)
+        return
+    parts = [f"{len(report.folded)}/{len(report.records)} BN folded"]
+    if outcome.size_before is not None:
+        after = human_bytes(outcome.size_after) if outcome.size_after is not None else "(not written)"
+        parts.append(f"{human_bytes(outcome.size_before)} → {after}")
+    parts.append(f"{outcome.seconds:.2f} s")
+    if outcome.verify_verdict is not None:
+        parts.append("verify FAILED" if outcome.verify_verdict == "failed" else f"verify {outcome.verify_verdict}")
+    if outcome.kept_failed is not None:
+        parts.append(f"kept as {outcome.kept_failed}")
+    mark = ("✓ ", "bold green") if outcome.ok else ("✗ ", "bold red")
+    arrow = f" → {outcome.written}" if outcome.written is not None else " (not written)"
+    console.print(Text.assemble(mark, f"{source}{arrow}: " + ", ".join(parts)), soft_wrap=True)
+    if verbose:
+        render_fold_records(console, report)
+
+
+def render_batch_total(console: Console, totals: dict[str, Any]) -> None:
+    """The batch's last line: models folded, failed, BN folded, time (``totals``: see ``batch_totals``)."""
+    style = "bold green" if totals["failed"] == 0 else "bold red"
+    console.print(
+        Text.assemble(
+            ("total: ", "bold"),
+            (f"{totals['succeeded']}/{totals['models']} models folded", style),
+            f", {totals['failed']} failed, {totals['batch_norm_folded']}/{totals['batch_norm_total']} BN folded, "
+            f"{totals['seconds']:.2f} s",
+        ),
+        soft_wrap=True,
+    )
+
+
+def render_recalibration(console: Console, report: RecalibrationReport, output: Path, *, verbose: bool) -> None:
+    """One line: what was recalibrated, how, and where it was written; with ``verbose`` a row per BN."""
+    mode = "update_bn (match-torch)" if report.mode == "match_torch" else f"pooled, {report.convention} variance"
+    console.print(
+        f"recalibrated {len(report.recalibrated)} BatchNormalization ({mode}; {report.batches} batch(es), "
+        f"{report.passes} pass(es)); skipped {len(report.skipped)}: {escape(str(output))}",
+        soft_wrap=True,
+    )
+    if not verbose:
+        return
+    table = Table("BatchNormalization", "status", "generation", "channels", "max |Δmean|", "max var ratio", "reason")
+    for record in report.records:
+        table.add_row(
+            escape(record.node),
+            record.status,
+            "" if record.generation is None else str(record.generation),
+            "" if record.channels is None else str(record.channels),
+            "" if record.max_mean_change is None else f"{record.max_mean_change:.3g}",
+            "" if record.max_var_ratio is None else f"{record.max_var_ratio:.3g}",
+            escape(record.reason or ""),
+        )
+    console.print(table)
+
+
+def render_lowering(console: Console, count: int, output: Path) -> None:
+    """``bnfold lower-training``: how many training-mode BatchNormalization nodes were lowered, and where to."""
+    if count:
+        noun = "node" if count == 1 else "nodes"
+        console.print(f"lowered {count} training-mode BatchNormalization {noun}: {escape(str(output))}", soft_wrap=True)
+    else:
+        console.print(
+            f"no training-mode BatchNormalization found; wrote the model unchanged: {escape(str(output))}",
+            soft_wrap=True,
+        )
+
+
+# The batch progress bar appears only when the work has lasted this long (and stdout is a terminal).
+PROGRESS_AFTER_SECONDS = 1.0
+
+
+def with_progress(console: Console, results: Iterator[T], total: int, *, quiet: bool) -> Iterator[T]:
+    """Yield ``results``; after :data:`PROGRESS_AFTER_SECONDS` on a terminal, also show a progress bar.
+
+    The bar appears at the first result after the threshold (or never when all is done before it).
+    """
+    if quiet or not console.is_terminal:
+        yield from results
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    started = time.perf_counter()
+    progress: Progress | None = None
+    done = 0
+    try:
+        for result in results:
+            done += 1
+            if progress is None and time.perf_counter() - started > PROGRESS_AFTER_SECONDS and done < total:
+                progress = Progress(
+                    TextColumn("folding"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=console,
+                    transient=True,
+                )
+                progress.start()
+                task = progress.add_task("models", total=total, completed=done - 1)
+            yield result
+            if progress is not None:
+                progress.update(task, completed=done)
+    finally:
+        if progress is not None:
+            progress.stop()

@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 
-from bnfold import io
 from bnfold.cli.output_paths import check_output_path
+from bnfold.cli.render import render_lowering
 from bnfold.errors import ExitCode
+from bnfold.files import load_model, save_model
 from bnfold.training.lowering import lower_training
 
 NAME = "lower-training"
@@ -29,16 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     source, output = Path(args.model), Path(args.output)
     check_output_path(source, output, "; choose another path")
-    model = io.load_model(source)
+    model = load_model(source)
     lowered, count = lower_training(model)
-    io.save_model(lowered, output)
-    console = Console(quiet=args.quiet, highlight=False)
-    if count:
-        noun = "node" if count == 1 else "nodes"
-        console.print(f"lowered {count} training-mode BatchNormalization {noun}: {escape(str(output))}", soft_wrap=True)
-    else:
-        console.print(
-            f"no training-mode BatchNormalization found; wrote the model unchanged: {escape(str(output))}",
-            soft_wrap=True,
-        )
+    save_model(lowered, output)
+    render_lowering(Console(quiet=args.quiet, highlight=False), count, output)
     return ExitCode.OK

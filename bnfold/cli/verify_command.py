@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from rich.console import Console
 
+from bnfold.cli.render import write_json
 from bnfold.cli.verify_options import add_verify_arguments, render_verify_report, verify_exit_code, verify_from_args
-from bnfold.errors import UsageError
 from bnfold.validate.github_summary import append_step_summary, verify_markdown
 from bnfold.validate.junit import JUnitSuite, verify_cases, write_junit_xml
 
@@ -26,23 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_verify_arguments(parser)
 
 
-def write_text(path: str, text: str, *, flag: str) -> None:
-    """Write ``text`` to ``path`` (``-``: stdout); an unwritable path is a usage error."""
-    if path == "-":
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-        return
-    try:
-        Path(path).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-    except OSError as error:
-        raise UsageError(f"{flag} {path}: cannot write ({error.strerror or error})") from error
-
-
 def run(args: argparse.Namespace) -> int:
     console = Console(file=sys.stderr if args.json == "-" else sys.stdout, quiet=args.quiet)
     report = verify_from_args(args, args.original, args.candidate)
     render_verify_report(console, report)
     if args.json:
-        write_text(args.json, report.to_json(), flag="--json")
+        write_json(args.json, report.to_json())
     if args.junit_xml:
         write_junit_xml(args.junit_xml, [JUnitSuite("bnfold verify", verify_cases(report))])
     append_step_summary(verify_markdown(report))

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ from rich.table import Table
 from bnfold.cli.arg_types import positive_int
 from bnfold.errors import ExitCode
 from bnfold.validate.inputs import DEFAULT_ITERATIONS
+from bnfold.validate.options import VerifyOptions, verify_with
 from bnfold.validate.report import ProviderRun, ProviderVerdict, Verdict, VerifyReport
 from bnfold.validate.tolerances import DEFAULT_TOLERANCES, ToleranceTable
 
@@ -147,16 +147,24 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 def tolerances_from_args(args: argparse.Namespace) -> ToleranceTable:
     """The default table with the ``--atol``/``--rtol`` overrides (the last value given for a target wins)."""
-    fields: dict[str, object] = {}
-    for which in ("atol", "rtol"):
-        per_output: dict[str, float] = {}
-        for name, value in getattr(args, which, None) or []:
-            if name is None:
-                fields[which] = value
-            else:
-                per_output[name] = value
-        fields[f"output_{which}"] = per_output
-    return ToleranceTable(**fields)
+    return verify_options_from_args(args).tolerances()
+
+
+def verify_options_from_args(args: argparse.Namespace) -> VerifyOptions:
+    """The :class:`~bnfold.validate.options.VerifyOptions` the flags of :func:`add_verify_arguments` ask for."""
+    return VerifyOptions(
+        providers=tuple(args.providers),
+        require_provider=args.require_provider,
+        seed=args.seed,
+        iterations=args.iterations,
+        input_shapes=tuple((name, tuple(shape)) for name, shape in args.input_shapes),
+        dims=tuple(args.dim),
+        atol=tuple(getattr(args, "atol", None) or ()),
+        rtol=tuple(getattr(args, "rtol", None) or ()),
+        load_inputs=args.load_inputs,
+        save_inputs=args.save_inputs,
+        cuda_tf32=args.cuda_tf32,
+    )
 
 
 def verify_from_args(
@@ -172,24 +180,8 @@ def verify_from_args(
     ``candidate_label`` names the candidate in the report (e.g. the final output path when ``candidate`` is
     a staged temporary file).
     """
-    from bnfold.validate.verifier import verify  # (imports onnxruntime: only when a run verifies)
-
-    report = verify(
-        original,
-        candidate,
-        providers=args.providers,
-        seed=args.seed,
-        iterations=args.iterations,
-        input_shapes=dict(args.input_shapes) or None,
-        dims=dict(args.dim) or None,
-        tolerances=tolerances_from_args(args),
-        load_inputs=args.load_inputs,
-        save_inputs=args.save_inputs,
-        cuda_tf32=args.cuda_tf32,
-        require_provider=args.require_provider,
-        probes=probes,
-    )
-    return report if candidate_label is None else dataclasses.replace(report, candidate=candidate_label)
+    options = verify_options_from_args(args)
+    return verify_with(original, candidate, options, probes=probes, candidate_label=candidate_label)
 
 
 def verify_exit_code(report: VerifyReport) -> int:

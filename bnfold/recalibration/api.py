@@ -30,7 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BnfoldError, UsageError, one_line
-from bnfold.io import as_model
+from bnfold.files.load import as_model
 from bnfold.passes.graph_edit import NameAllocator
 from bnfold.recalibration.data import NpzBatches
 from bnfold.recalibration.graph import (
@@ -236,6 +236,8 @@ class _Runner:
         source = load_model_source(calibration.model)
         fed = {name for pair in calibration.statistic_inputs for name in pair}
         self.specs = [spec for spec in input_specs(source.proto) if spec.name not in fed]
+        if isinstance(batches, NpzBatches):
+            batches.expect(self.specs)  # each file's member headers are checked against these before reading
         try:
             self.session: Session = make_session(source, CPU)
         except Exception as error:

@@ -1,20 +1,36 @@
 """Calibration data: ``.npz`` files holding one batch each, keyed by input name, read one at a time.
 
-A path is an ``.npz`` file (one batch) or a directory whose ``*.npz`` files (sorted by name) are the batches.
-Files are opened lazily on every pass, so memory holds one batch at a time however many files there are.
+A path is an ``.npz`` file (one batch) or a directory whose ``*.npz`` regular files (sorted by name) are the
+batches. Files are opened lazily on every pass, so memory holds one batch at a time however many files there are.
 bfloat16 inputs may be stored as their uint16 bit patterns (numpy cannot store bfloat16).
+
+Every file is read by :func:`bnfold.files.inputs.read_npz`: regular files only, pickles refused, big-endian
+arrays converted to native byte order, and — once :meth:`NpzBatches.expect` knows the model's inputs — every
+member's header (name, dtype, rank, fixed dims) checked against them before any array data is inflated.
 """
 
 from __future__ import annotations
 
 import os
-import zipfile
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from bnfold.errors import UsageError
+from bnfold.files.inputs import Declared, read_npz, shown_path
+
+FLAG = "--data"
+
+
+class InputLike(Protocol):
+    """What :meth:`NpzBatches.expect` needs of a model input (``bnfold.validate.inputs.InputSpec`` has it)."""
+
+    name: str
+    dtype: str  # numpy dtype name ("float32", "bfloat16", ...)
+    dims: tuple[int | str | None, ...] | None
 
 
 class NpzBatches:
@@ -22,51 +38,70 @@ class NpzBatches:
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path)
-        if path.is_dir():
+        where = f"{FLAG} {shown_path(path)}"
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError as error:
+            raise UsageError(f"{where}: no such file or directory") from error
+        except (OSError, ValueError) as error:
+            raise UsageError(f"{where}: cannot read ({getattr(error, 'strerror', None) or error})") from error
+        if stat.S_ISDIR(mode):
             files = sorted(file for file in path.glob("*.npz") if file.is_file())
             if not files:
-                raise UsageError(f"--data {path}: the directory holds no .npz file")
-        elif path.is_file():
+                raise UsageError(f"{where}: the directory holds no .npz file")
+        elif stat.S_ISREG(mode):
             files = [path]
-        elif path.exists():
-            raise UsageError(f"--data {path}: not a regular file or directory")
         else:
-            raise UsageError(f"--data {path}: no such file or directory")
+            raise UsageError(f"{where}: not a regular file or directory")
         self.files = tuple(files)
+        self.inputs: tuple[InputLike, ...] | None = None
+
+    def expect(self, inputs: Sequence[InputLike]) -> None:
+        """Check every file's members against ``inputs`` (names, dtypes, ranks, fixed dims) before reading them."""
+        self.inputs = tuple(inputs)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for file in self.files:
-            yield read_batch(file)
+            yield read_batch(file, self.inputs)
 
 
-# What ``np.load`` takes for an ``.npz`` (zip) archive: a local file header, or the end record of an empty zip.
-# Anything else it would read as ``.npy`` (an array, not a batch) or pickle (refused, never unpickled).
-ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-
-
-def read_batch(path: Path) -> dict[str, np.ndarray]:
+def read_batch(path: Path, inputs: Sequence[InputLike] | None = None) -> dict[str, np.ndarray]:
     """The arrays of one ``.npz`` file; UsageError for an unreadable file, pickled arrays or no arrays.
 
-    Pickles are never loaded (``allow_pickle=False``); a file that is not a zip archive (``.npy``, pickle,
-    empty, random bytes) is refused before numpy looks at it; so are an array whose header declares more memory
-    than can be allocated, and members that are encrypted or use a compression method zipfile lacks.
+    With ``inputs`` (the model's), a file whose keys are not exactly the input names, or whose member headers
+    declare another dtype, rank or fixed dim than the model's, is refused before any data is read.
     """
-    try:
-        with open(path, "rb") as file:
-            magic = file.read(4)
-    except OSError as error:
-        raise UsageError(f"--data {path}: cannot read ({error.strerror or error})") from error
-    if magic not in ZIP_MAGICS:
-        raise UsageError(f"--data {path}: not a readable .npz file (no zip archive header)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            batch = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError, MemoryError, NotImplementedError, RuntimeError, zipfile.BadZipFile) as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise UsageError(f"--data {path}: not a readable .npz file ({reason})") from error
+    where = f"{FLAG} {shown_path(path)}"
+    batch = read_npz(path, FLAG, None if inputs is None else lambda members: _check_members(where, inputs, members))
     if not batch:
-        raise UsageError(f"--data {path}: the file holds no arrays")
+        raise UsageError(f"{where}: the file holds no arrays")
     return batch
+
+
+def _check_members(where: str, inputs: Sequence[InputLike], members: dict[str, Declared]) -> None:
+    """Refuse members that are not exactly the model's inputs with their dtypes, ranks and fixed dims."""
+    if not members:
+        return  # read_batch names the empty file
+    names = [spec.name for spec in inputs]
+    missing = [name for name in names if name not in members]
+    unknown = sorted(set(members) - set(names))
+    if missing or unknown:
+        parts = [f"missing input(s) {', '.join(missing)}"] if missing else []
+        parts += [f"unknown key(s) {', '.join(unknown)}"] if unknown else []
+        raise UsageError(f"{where}: {'; '.join(parts)} (model inputs: {', '.join(names)})")
+    for spec in inputs:
+        shape, dtype = members[spec.name]
+        if not (dtype.name == spec.dtype or (spec.dtype == "bfloat16" and dtype.name == "uint16")):
+            raise UsageError(f"{where}: input {spec.name!r} is {dtype.name}, the model takes {spec.dtype}")
+        if spec.dims is None:
+            continue
+        if len(shape) != len(spec.dims):
+            raise UsageError(
+                f"{where}: input {spec.name!r} has rank {len(shape)}, the model takes rank {len(spec.dims)}"
+            )
+        for axis, (size, dim) in enumerate(zip(shape, spec.dims, strict=True)):
+            if isinstance(dim, int) and size != dim:
+                raise UsageError(f"{where}: input {spec.name!r} axis {axis} is {size}, the model fixes it to {dim}")

@@ -17,7 +17,7 @@ Calibration models (built from a clone; the input model is not touched):
 - pooled: each target's ``mean``/``var`` become fresh graph inputs, fed on every run, so one onnxruntime
   session serves all generations; each target's ``X`` becomes a graph output.
 - match_torch: each target is switched to training mode (normalise with batch statistics, as a torch module
-  in ``train()`` does) and lowered by :class:`~bnfold.passes.decompose_training.DecomposeTrainingBatchNorm`
+  in ``train()`` does) and lowered by :class:`~bnfold.training.decompose.DecomposeTrainingBatchNorm`
   into primitive ops that onnxruntime runs; ``X`` is exposed likewise. Running statistics play no part, so
   one pass suffices.
 """
@@ -31,9 +31,9 @@ import onnx_ir as ir
 
 from bnfold.passes.batch_norm import check_inference_mode, is_batch_norm
 from bnfold.passes.constants import ConstantResolver
-from bnfold.passes.decompose_training import DecomposeTrainingBatchNorm, default_opset
 from bnfold.passes.graph_edit import NameAllocator
 from bnfold.passes.reasons import Skip
+from bnfold.training.decompose import DecomposeTrainingBatchNorm, default_opset
 
 MEAN_INPUT, VAR_INPUT = 3, 4
 

@@ -7,7 +7,7 @@
 - :func:`training_functions` — ``bnfold.BatchNormalizationTraining`` and its gradient as ONNX FunctionProtos
   written with onnxscript (:mod:`bnfold.training.function`).
 - :func:`lower_training` — rewrite training-mode BatchNormalization nodes into that function
-  (:mod:`bnfold.training.lowering`, pass :class:`bnfold.passes.decompose_training.DecomposeTrainingBatchNorm`).
+  (:mod:`bnfold.training.lowering`, pass :class:`bnfold.training.decompose.DecomposeTrainingBatchNorm`).
 
 The function and lowering names are imported lazily so that the numpy reference stays light.
 """
@@ -40,6 +40,7 @@ _LAZY = {
     "BatchNormalizationTraining": "bnfold.training.function",
     "BatchNormalizationTrainingGrad": "bnfold.training.function",
     "lower_training": "bnfold.training.lowering",
+    "DecomposeTrainingBatchNorm": "bnfold.training.decompose",
 }
 
 __all__ = [

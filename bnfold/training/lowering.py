@@ -7,8 +7,8 @@ import os
 import onnx
 import onnx_ir as ir
 
-from bnfold.io import as_model
-from bnfold.passes.decompose_training import DecomposeTrainingBatchNorm
+from bnfold.files.load import as_model
+from bnfold.training.decompose import DecomposeTrainingBatchNorm
 
 
 def lower_training(model_or_path: str | os.PathLike | onnx.ModelProto | ir.Model) -> tuple[ir.Model, int]:
@@ -16,7 +16,7 @@ def lower_training(model_or_path: str | os.PathLike | onnx.ModelProto | ir.Model
 
     Returns ``(model, count)``: the lowered model and how many nodes were rewritten (0 leaves the model as
     it was). A given ``ir.Model`` is copied first (tensors are shared, never modified); a path is loaded with
-    :func:`bnfold.io.load_model`. See :mod:`bnfold.passes.decompose_training` for what changes.
+    :func:`bnfold.files.load_model`. See :mod:`bnfold.training.decompose` for what changes.
 
     Raises:
         InvalidModelError: unreadable model, an invalid BatchNormalization node, or an unknown dtype.

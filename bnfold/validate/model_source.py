@@ -1,7 +1,7 @@
 """Models as onnxruntime will see them: the protobuf (external data left on disk) and where that data lives.
 
 The verifier accepts a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``. Large tensors never need to be
-read into Python: a path is loaded without its external data (``bnfold.io`` checks that every external
+read into Python: a path is loaded without its external data (``bnfold.files.checks`` checks that every external
 reference stays inside the model's directory), and onnxruntime reads the data from the recorded directory
 (session config ``session.model_external_initializers_file_folder_path``).
 """
@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import InvalidModelError, UsageError
-from bnfold.model_checks import check_external_data, check_model_proto, iter_tensor_protos
+from bnfold.files.checks import check_external_data, check_model_proto, iter_tensor_protos
 
 ModelInput = str | os.PathLike | onnx.ModelProto | ir.Model
 

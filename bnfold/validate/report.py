@@ -6,6 +6,11 @@ A report is immutable. :meth:`VerifyReport.judge` re-judges the stored measureme
 
 Verdicts: a provider that did not really run is SKIPPED (never PASSED); the report is FAILED when anything
 failed, PASSED when every requested provider passed, SKIPPED otherwise.
+
+A provider whose outputs fail the tolerance table on numbers alone is judged again against the float64
+truth when the run measured it (:class:`Float64Check`, see :mod:`bnfold.validate.float64_reference` and
+:class:`~bnfold.validate.tolerances.Float64Rule`) and no atol/rtol was given explicitly: the verdict's
+``basis`` is then ``"float64"``, and every output *and* every probed fold must pass the float64 rule.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from bnfold.validate.metrics import TensorMetrics, encode_float
-from bnfold.validate.tolerances import Tolerance, ToleranceTable
+from bnfold.validate.tolerances import Float64Rule, Tolerance, ToleranceTable
 
 
 class Verdict(str, enum.Enum):
@@ -115,6 +120,130 @@ class ProbeMetrics:
 
 
 @dataclasses.dataclass(frozen=True)
+class TruthMetrics:
+    """One tensor against the float64 truth: the original float32 model's distance and the candidate's.
+
+    ``dtype`` is the tensor's element type in the original (it picks the floor of the float64 rule);
+    ``label``/``order`` name a probed fold as in :class:`ProbeMetrics` (``None`` for graph outputs).
+    ``scope`` is ``"network"`` (the whole model ran) or ``"fold"`` (the fold alone, cut out of both models
+    and fed the original's float32 input: see :mod:`bnfold.validate.local_folds`).
+    """
+
+    name: str
+    dtype: str
+    original: TensorMetrics
+    candidate: TensorMetrics
+    label: str | None = None
+    order: int | None = None
+    scope: str = "network"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "label": self.label,
+            "order": self.order,
+            "scope": self.scope,
+            "original": self.original.to_dict(),
+            "candidate": self.candidate.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TruthMetrics:
+        return cls(
+            name=data["name"],
+            dtype=data["dtype"],
+            original=TensorMetrics.from_dict(data["original"]),
+            candidate=TensorMetrics.from_dict(data["candidate"]),
+            label=data.get("label"),
+            order=data.get("order"),
+            scope=data.get("scope", "network"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Float64Check:
+    """What the float64 run measured for one provider, or why it did not run.
+
+    Attributes:
+        engine: what evaluated the float64 copy (onnxruntime or onnx.reference); ``None`` when not run.
+        iterations: input batches compared (fewer than the verification's when the time budget ran out).
+        elapsed_s: wall time of the float64 run (model widening, loading and every iteration).
+        outputs: per graph output, the original's and the candidate's distance to the truth.
+        probes: the same for each probed fold output.
+        note: what limited the run (e.g. the time budget), if anything.
+        unavailable: why there is no float64 verdict (model too large, no engine could run it).
+    """
+
+    engine: str | None = None
+    iterations: int = 0
+    elapsed_s: float = 0.0
+    outputs: tuple[TruthMetrics, ...] = ()
+    probes: tuple[TruthMetrics, ...] = ()
+    note: str | None = None
+    unavailable: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "iterations": self.iterations,
+            "elapsed_s": self.elapsed_s,
+            "outputs": [item.to_dict() for item in self.outputs],
+            "probes": [item.to_dict() for item in self.probes],
+            "note": self.note,
+            "unavailable": self.unavailable,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Float64Check:
+        return cls(
+            engine=data.get("engine"),
+            iterations=int(data.get("iterations", 0)),
+            elapsed_s=float(data.get("elapsed_s", 0.0)),
+            outputs=tuple(TruthMetrics.from_dict(item) for item in data.get("outputs", ())),
+            probes=tuple(TruthMetrics.from_dict(item) for item in data.get("probes", ())),
+            note=data.get("note"),
+            unavailable=data.get("unavailable"),
+        )
+
+
+def judge_against_truth(truth: TruthMetrics, floor: Tolerance, rule: Float64Rule) -> Judgement:
+    """The float64 rule on one tensor: ``|c - t| <= ratio · max|o - t| + floor.atol + floor.rtol · |t|``."""
+    original, candidate = truth.original.errors, truth.candidate.errors
+    if original is None or candidate is None:
+        reason = "no values comparable with the float64 evaluation"
+        return Judgement(truth.name, floor, Verdict.FAILED, (reason,), None, None)
+    bound = rule.bound(floor, original.max_abs)
+    passed = candidate.within(bound)
+    reasons = ()
+    if not passed:
+        reasons = (
+            f"{candidate.max_abs:.3g} from the float64 evaluation where the original float32 model is "
+            f"{original.max_abs:.3g}: beyond {rule.ratio:g}× the original's distance + atol={floor.atol:g} + "
+            f"rtol={floor.rtol:g}·|float64|",
+        )
+    return Judgement(
+        name=truth.name,
+        tolerance=bound,
+        verdict=Verdict.PASSED if passed else Verdict.FAILED,
+        reasons=reasons,
+        required_atol=candidate.required_atol(bound.rtol),
+        required_rtol=candidate.required_rtol(bound.atol),
+    )
+
+
+def numeric_only(metrics: TensorMetrics) -> bool:
+    """Whether the candidate's tensor differs from the reference in values only (present, same dtype and
+    shapes, NaN/Inf in the same places): only then may float64 rounding explain a difference."""
+    return (
+        not metrics.missing
+        and metrics.candidate_dtype == metrics.reference_dtype
+        and not metrics.shape_mismatches
+        and not (metrics.new_nan or metrics.lost_nan or metrics.new_inf or metrics.lost_inf or metrics.unequal)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class ProviderRun:
     """What was measured for the candidate on one provider (no verdict).
 
@@ -129,6 +258,7 @@ class ProviderRun:
         noise_floor: the original model on this provider vs on the CPU (non-CPU providers only).
         probes: intermediate tensors measured to attribute a mismatch (only after a mismatch).
         probe_note: why some or all probes were not measured.
+        float64: the float64 truth (only after a numeric mismatch, without explicit atol/rtol).
         elapsed_s: wall time spent on this provider.
     """
 
@@ -142,6 +272,7 @@ class ProviderRun:
     noise_floor: tuple[TensorMetrics, ...] = ()
     probes: tuple[ProbeMetrics, ...] = ()
     probe_note: str | None = None
+    float64: Float64Check | None = None
     elapsed_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +287,7 @@ class ProviderRun:
             "noise_floor": [metrics.to_dict() for metrics in self.noise_floor],
             "probes": [probe.to_dict() for probe in self.probes],
             "probe_note": self.probe_note,
+            "float64": None if self.float64 is None else self.float64.to_dict(),
             "elapsed_s": self.elapsed_s,
         }
 
@@ -172,6 +304,7 @@ class ProviderRun:
             noise_floor=tuple(TensorMetrics.from_dict(item) for item in data.get("noise_floor", ())),
             probes=tuple(ProbeMetrics.from_dict(item) for item in data.get("probes", ())),
             probe_note=data.get("probe_note"),
+            float64=None if data.get("float64") is None else Float64Check.from_dict(data["float64"]),
             elapsed_s=float(data.get("elapsed_s", 0.0)),
         )
 
@@ -182,6 +315,8 @@ class ProviderVerdict:
 
     ``divergent`` lists the labels of probes that fail their tolerance, in topological order; the first one
     is ``responsible`` (errors propagate downstream, so later probes diverge as a consequence).
+    ``basis`` is ``"float32"`` (the tolerance table decided) or ``"float64"`` (the float64 rule decided:
+    ``float64_outputs``/``float64_probes`` hold its judgements, and ``divergent`` comes from them).
     """
 
     requested: str
@@ -191,6 +326,9 @@ class ProviderVerdict:
     divergent: tuple[str, ...]
     responsible: str | None
     reasons: tuple[str, ...]
+    basis: str = "float32"
+    float64_outputs: tuple[Judgement, ...] = ()
+    float64_probes: tuple[Judgement, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -201,11 +339,87 @@ class ProviderVerdict:
             "probes": [judgement.to_dict() for judgement in self.probes],
             "divergent": list(self.divergent),
             "responsible": self.responsible,
+            "basis": self.basis,
+            "float64_outputs": [judgement.to_dict() for judgement in self.float64_outputs],
+            "float64_probes": [judgement.to_dict() for judgement in self.float64_probes],
         }
 
 
-def judge_run(run: ProviderRun, tolerances: ToleranceTable) -> ProviderVerdict:
-    """Apply ``tolerances`` to the measurements of one provider."""
+def float64_applies(run: ProviderRun, verdict: ProviderVerdict, tolerances: ToleranceTable) -> bool:
+    """Whether a float32 failure may be re-judged against the float64 truth: it failed on values only (the
+    candidate ran; no NaN, shape or dtype difference in an output or a probe) and no atol/rtol was given
+    explicitly."""
+    return (
+        verdict.verdict is Verdict.FAILED
+        and run.run_error is None
+        and not tolerances.fixed_bound
+        and all(numeric_only(metrics) for metrics in (*run.outputs, *(probe.metrics for probe in run.probes)))
+    )
+
+
+def judge_run(run: ProviderRun, tolerances: ToleranceTable, rule: Float64Rule | None = None) -> ProviderVerdict:
+    """Apply ``tolerances`` to the measurements of one provider (then the float64 rule, where it applies)."""
+    verdict = _judge_float32(run, tolerances)
+    if run.float64 is None or not float64_applies(run, verdict, tolerances):
+        return verdict
+    if run.float64.unavailable is not None:
+        reason = f"no float64 verdict: {run.float64.unavailable}"
+        return dataclasses.replace(verdict, reasons=(*verdict.reasons, reason))
+    return _judge_float64(run, run.float64, verdict, tolerances, rule or Float64Rule())
+
+
+def _judge_float64(
+    run: ProviderRun, check: Float64Check, float32: ProviderVerdict, tolerances: ToleranceTable, rule: Float64Rule
+) -> ProviderVerdict:
+    def judge(truth: TruthMetrics) -> Judgement:
+        return judge_against_truth(truth, tolerances.for_output(truth.name, truth.dtype), rule)
+
+    outputs = tuple(judge(truth) for truth in check.outputs)
+    ordered = sorted(check.probes, key=lambda truth: truth.order if truth.order is not None else -1)
+    probes = tuple(judge(truth) for truth in ordered)
+    divergent = tuple(
+        truth.label or truth.name
+        for truth, judgement in zip(ordered, probes, strict=True)
+        if judgement.verdict is Verdict.FAILED
+    )
+    failed_outputs = [judgement.name for judgement in outputs if judgement.verdict is Verdict.FAILED]
+    figures = ", ".join(
+        f"{truth.name}: original {_figure(truth.original)}, candidate {_figure(truth.candidate)}"
+        for truth in check.outputs
+    )
+    reasons: list[str] = []
+    if failed_outputs:
+        reasons.append(f"output(s) {', '.join(failed_outputs)} differ from the float64 evaluation ({figures})")
+        if not divergent and check.probes:
+            reasons.append("no probed fold diverges: the difference arises outside the folded tensors")
+    elif divergent:
+        reasons.append(f"the outputs are within the float64 rule ({figures}) but a fold diverges")
+    else:
+        reasons.append(
+            "float32 differences are rounding: the candidate is no farther from the float64 evaluation than "
+            f"the original allows ({figures})"
+        )
+    if divergent:
+        reasons.append(f"first divergent fold: {divergent[0]}")
+    failed = bool(failed_outputs or divergent)
+    return dataclasses.replace(
+        float32,
+        verdict=Verdict.FAILED if failed else Verdict.PASSED,
+        divergent=divergent,
+        responsible=divergent[0] if failed and divergent else None,
+        reasons=tuple(reasons),
+        basis="float64",
+        float64_outputs=outputs,
+        float64_probes=probes,
+    )
+
+
+def _figure(metrics: TensorMetrics) -> str:
+    return "-" if metrics.errors is None else f"{metrics.errors.max_abs:.3g}"
+
+
+def _judge_float32(run: ProviderRun, tolerances: ToleranceTable) -> ProviderVerdict:
+    """The tolerance table alone."""
     if run.skipped_reason is not None:
         return ProviderVerdict(run.requested, Verdict.SKIPPED, (), (), (), None, (run.skipped_reason,))
 
@@ -224,18 +438,20 @@ def judge_run(run: ProviderRun, tolerances: ToleranceTable) -> ProviderVerdict:
     failed_outputs = [judgement.name for judgement in outputs if judgement.verdict is Verdict.FAILED]
     if failed_outputs:
         reasons.append(f"output(s) {', '.join(failed_outputs)} differ")
-        if divergent:
-            reasons.append(f"first divergent fold: {divergent[0]}")
-        elif run.probes:
+        if not divergent and run.probes:
             reasons.append("no probed fold diverges: the difference arises outside the folded tensors")
-    failed = run.run_error is not None or bool(failed_outputs)
+    elif divergent:
+        reasons.append("the outputs are within tolerance but a fold's output is not (the network attenuates it)")
+    if divergent:
+        reasons.append(f"first divergent fold: {divergent[0]}")
+    failed = run.run_error is not None or bool(failed_outputs) or bool(divergent)
     return ProviderVerdict(
         requested=run.requested,
         verdict=Verdict.FAILED if failed else Verdict.PASSED,
         outputs=outputs,
         probes=probes,
         divergent=divergent,
-        responsible=divergent[0] if divergent and failed_outputs else None,
+        responsible=divergent[0] if divergent and failed else None,
         reasons=tuple(reasons),
     )
 

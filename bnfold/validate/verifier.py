@@ -2,8 +2,16 @@
 
 Flow: load both models → check their interfaces → make input batches (generated or loaded) → run the
 original on the CPU (the reference) → per requested provider: run the candidate, measure every output, and
-(non-CPU) the original's own provider-vs-CPU difference as a noise floor → judge under the tolerance table →
-on a mismatch, measure the probed intermediate tensors to name the fold responsible.
+(non-CPU) the original's own provider-vs-CPU difference as a noise floor, and the probed intermediate tensors
+(each fold's output: a wrong fold the rest of the network attenuates still shows there, and the first
+divergent one names the fold responsible) → judge under the tolerance table → on a mismatch of
+values alone (and no explicit atol/rtol), evaluate the original in float64 once
+(:mod:`bnfold.validate.float64_reference`) and measure the original's and the candidate's distance to it,
+for the outputs and the probes: the report is then judged by the float64 rule
+(:class:`~bnfold.validate.tolerances.Float64Rule`). When the plain comparison passes, nothing more runs.
+
+``timeout_s`` bounds the whole verification (checked between iterations: :class:`VerificationTimeout`);
+``progress`` is called after every iteration of every stage, for the CLI to show.
 """
 
 from __future__ import annotations
@@ -11,22 +19,61 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime
 
-from bnfold.errors import InvalidModelError, ProviderUnavailableError, UsageError, one_line
+from bnfold.errors import BnfoldError, ExitCode, InvalidModelError, ProviderUnavailableError, UsageError, one_line
+from bnfold.validate import float64_reference, local_folds
 from bnfold.validate import inputs as input_batches
+from bnfold.validate.float64_reference import DEFAULT_LIMITS, Float64Limits
 from bnfold.validate.inputs import DEFAULT_ITERATIONS
 from bnfold.validate.metrics import TensorComparator, TensorMetrics
 from bnfold.validate.model_source import ModelInput, ModelSource, load_model_source
-from bnfold.validate.report import InputRecord, ProbeMetrics, ProviderRun, Verdict, VerifyReport, judge_run
+from bnfold.validate.report import (
+    Float64Check,
+    InputRecord,
+    ProbeMetrics,
+    ProviderRun,
+    TruthMetrics,
+    VerifyReport,
+    float64_applies,
+    judge_run,
+)
 from bnfold.validate.sessions import CPU, CUDA, make_session, resolve_provider, short_name, unavailable_reason
 from bnfold.validate.tolerances import ToleranceTable
 
 Batch = dict[str, np.ndarray]
+Outputs = list[dict[str, np.ndarray]]
+#: ``progress(stage, done, total)``: called after each iteration of each stage (e.g. ``"cpu: candidate"``).
+Progress = Callable[[str, int, int], None]
+
+
+class VerificationTimeout(BnfoldError):
+    """The verification ran past its ``timeout_s``: nothing was judged (exit code 1, as a failed verification)."""
+
+    exit_code = ExitCode.FAILED
+
+
+class _Clock:
+    """The verification's deadline and progress reporting, checked between iterations."""
+
+    def __init__(self, timeout_s: float | None, progress: Progress | None) -> None:
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not timeout_s > 0):
+            raise UsageError(f"timeout must be a number of seconds > 0, got {timeout_s!r}")
+        self.started = time.perf_counter()
+        self.timeout_s = timeout_s
+        self.progress = progress
+
+    def tick(self, stage: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(stage, done, total)
+        if self.timeout_s is not None and time.perf_counter() - self.started > self.timeout_s:
+            raise VerificationTimeout(
+                f"verification timed out after {self.timeout_s:g} s (during {stage}, iteration {done} of {total})"
+            )
 
 
 def verify(
@@ -46,6 +93,10 @@ def verify(
     cuda_tf32: bool = False,
     require_provider: bool = False,
     probes: Mapping[str, str] | None = None,
+    float64: bool = True,
+    float64_limits: Float64Limits = DEFAULT_LIMITS,
+    timeout_s: float | None = None,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Compare ``candidate`` against ``original`` (the reference: original on CPU, optimisations off).
 
@@ -60,16 +111,23 @@ def verify(
         cuda_tf32: allow TF32 on CUDA (deployment reality) instead of measuring the fold alone.
         require_provider: raise :class:`ProviderUnavailableError` instead of skipping a provider.
         probes: ``{intermediate tensor name: label}`` present in both models (a folded BN's output tensor →
-            the BN node name); measured after a mismatch to name the first divergent fold. ``None`` (default)
+            the BN node name); measured on every run: a probe beyond tolerance fails the verification (a
+            wrong fold the network attenuates) and the first divergent one is named responsible. ``None`` (default)
             probes every BatchNormalization output of the original that the candidate also produces;
             ``{}`` probes nothing.
+        float64: after a mismatch of values alone, judge against the original evaluated in float64 (ignored
+            when atol/rtol are given: an explicit bound is fixed); ``float64_limits`` bounds that run.
+        timeout_s: give up (:class:`VerificationTimeout`) once this many seconds have passed.
+        progress: ``progress(stage, done, total)`` after each iteration of each stage.
 
     Raises:
         InvalidModelError: a model cannot be read or the original cannot be loaded by onnxruntime.
         UsageError: bad options, inputs that cannot be generated or loaded, or the original fails to run.
         ProviderUnavailableError: ``require_provider`` and a provider is not really available.
+        VerificationTimeout: ``timeout_s`` passed.
     """
     started = time.perf_counter()
+    clock = _Clock(timeout_s, progress)
     requested = _resolve_providers(providers)
     table = ToleranceTable.with_overrides(atol, rtol, base=tolerances)
     reference_model = load_model_source(original)
@@ -92,7 +150,8 @@ def verify(
     if save_inputs is not None:
         input_batches.save_inputs(save_inputs, batches)
     problems = _interface_problems(reference_model, candidate_model)
-    reference_outputs = _run_reference(reference_model, batches)
+    reference_outputs = _run_reference(reference_model, batches, clock)
+    truth = _Float64Truth(reference_model, batches, float64_limits, clock)
 
     runs: list[ProviderRun] = []
     if not problems:
@@ -101,11 +160,22 @@ def verify(
             if unavailable[provider] is not None:
                 runs.append(ProviderRun(short_name(provider), provider, skipped_reason=unavailable[provider]))
                 continue
-            run = _measure_provider(
-                reference_model, candidate_model, provider, batches, reference_outputs, cuda_tf32, require_provider
+            run, candidate_outputs = _measure_provider(
+                reference_model,
+                candidate_model,
+                provider,
+                batches,
+                reference_outputs,
+                cuda_tf32,
+                require_provider,
+                clock,
             )
-            if probes and judge_run(run, table).verdict is Verdict.FAILED and run.run_error is None:
-                run = _with_probes(run, reference_model, candidate_model, batches, probes, cuda_tf32)
+            probed = None
+            if probes and run.run_error is None:  # always: a bug the network attenuates still shows at its fold
+                run, probed = _with_probes(run, reference_model, candidate_model, batches, probes, cuda_tf32, clock)
+            if float64 and float64_applies(run, judge_run(run, table), table):
+                check = truth.check(reference_outputs, candidate_model, candidate_outputs, probed, provider, cuda_tf32)
+                run = dataclasses.replace(run, float64=check)
             runs.append(dataclasses.replace(run, elapsed_s=round(time.perf_counter() - provider_started, 4)))
 
     return VerifyReport.judged(
@@ -189,7 +259,7 @@ def _interface_problems(reference: ModelSource, candidate: ModelSource) -> list[
     return problems
 
 
-def _run_reference(model: ModelSource, batches: Sequence[Batch]) -> list[dict[str, np.ndarray]]:
+def _run_reference(model: ModelSource, batches: Sequence[Batch], clock: _Clock) -> Outputs:
     try:
         session = make_session(model, CPU)
     except Exception as error:  # onnxruntime raises several exception types
@@ -206,6 +276,7 @@ def _run_reference(model: ModelSource, batches: Sequence[Batch]) -> list[dict[st
                 f"the original model fails on the inputs of iteration {iteration} ({shapes}): {one_line(error)}; "
                 "give shapes with --input-shapes NAME:D0,D1,... or --dim NAME=SIZE, or inputs with --load-inputs"
             ) from error
+        clock.tick("original (cpu)", iteration + 1, len(batches))
     return outputs
 
 
@@ -217,33 +288,38 @@ def _measure_provider(
     reference_outputs: Sequence[Mapping[str, np.ndarray]],
     cuda_tf32: bool,
     require_provider: bool,
-) -> ProviderRun:
+    clock: _Clock,
+) -> tuple[ProviderRun, Outputs]:
+    """The candidate's measurements on ``provider``, and its outputs (kept for the float64 step)."""
     tf32 = cuda_tf32 if provider == CUDA else None
     base = ProviderRun(short_name(provider), provider, cuda_tf32=tf32)
     try:
         session = make_session(candidate_model, provider, cuda_tf32=cuda_tf32)
     except Exception as error:
         if provider != CPU:  # a provider whose libraries fail to load is absent, not a fold failure
-            return _unavailable(base, f"{provider} could not start: {one_line(error)}", require_provider)
-        return dataclasses.replace(base, run_error=f"onnxruntime cannot load the candidate: {one_line(error)}")
+            return _unavailable(base, f"{provider} could not start: {one_line(error)}", require_provider), []
+        return dataclasses.replace(base, run_error=f"onnxruntime cannot load the candidate: {one_line(error)}"), []
     if not session.really_runs_on_requested:
         reason = f"{provider} was requested but the session runs on {', '.join(session.executed_providers)}"
-        return _unavailable(base, reason, require_provider)
+        return _unavailable(base, reason, require_provider), []
     base = dataclasses.replace(base, executed_providers=session.executed_providers)
     output_names = reference_model.output_names()
     candidate_names = set(candidate_model.output_names())
+    candidate_outputs: Outputs = []
     try:
-        candidate_outputs = [session.run(batch, [n for n in output_names if n in candidate_names]) for batch in batches]
-    except UsageError:
+        for iteration, batch in enumerate(batches):
+            candidate_outputs.append(session.run(batch, [n for n in output_names if n in candidate_names]))
+            clock.tick(f"{short_name(provider)}: candidate", iteration + 1, len(batches))
+    except (UsageError, VerificationTimeout):
         raise
     except Exception as error:
-        return dataclasses.replace(base, run_error=one_line(error))
+        return dataclasses.replace(base, run_error=one_line(error)), []
     run = dataclasses.replace(base, outputs=_compare(output_names, reference_outputs, candidate_outputs))
     if provider != CPU:
         run = dataclasses.replace(
             run, noise_floor=_noise_floor(reference_model, provider, batches, reference_outputs, cuda_tf32)
         )
-    return run
+    return run, candidate_outputs
 
 
 def _unavailable(base: ProviderRun, reason: str, require_provider: bool) -> ProviderRun:
@@ -289,28 +365,214 @@ def _with_probes(
     batches: Sequence[Batch],
     probes: Mapping[str, str],
     cuda_tf32: bool,
-) -> ProviderRun:
-    """Measure each probed tensor (original on CPU vs candidate on the run's provider)."""
+    clock: _Clock,
+) -> tuple[ProviderRun, _Probed | None]:
+    """Measure each probed tensor (original on CPU vs candidate on the run's provider); also return the
+    arrays (kept for the float64 step)."""
     reference_order = reference_model.node_outputs()
     candidate_tensors = set(candidate_model.node_outputs()) | set(candidate_model.output_names())
     present = tuple(name for name in probes if name in reference_order and name in candidate_tensors)
     absent = [name for name in probes if name not in present]
     note = f"not in both main graphs, not measured: {', '.join(absent)}" if absent else None
     if not present:
-        return dataclasses.replace(run, probe_note=note or "no probes")
+        return dataclasses.replace(run, probe_note=note or "no probes"), None
+    references: Outputs = []
+    candidates: Outputs = []
     try:
         reference_session = make_session(reference_model.with_extra_outputs(present), CPU)
         candidate_session = make_session(candidate_model.with_extra_outputs(present), run.provider, cuda_tf32=cuda_tf32)
-        references = [reference_session.run(batch, present) for batch in batches]
-        candidates = [candidate_session.run(batch, present) for batch in batches]
+        for iteration, batch in enumerate(batches):
+            references.append(reference_session.run(batch, present))
+            candidates.append(candidate_session.run(batch, present))
+            clock.tick(f"{run.requested}: probes", iteration + 1, len(batches))
+    except VerificationTimeout:
+        raise
     except Exception as error:
-        return dataclasses.replace(run, probe_note=f"probes could not be measured: {one_line(error)}")
+        return dataclasses.replace(run, probe_note=f"probes could not be measured: {one_line(error)}"), None
     measured = _compare(present, references, candidates)
     probe_metrics = tuple(
         ProbeMetrics(label=probes[name], order=reference_order[name], metrics=metrics)
         for name, metrics in zip(present, measured, strict=True)
     )
-    return dataclasses.replace(run, probes=probe_metrics, probe_note=note)
+    probed = _Probed({name: (probes[name], reference_order[name]) for name in present}, references, candidates)
+    return dataclasses.replace(run, probes=probe_metrics, probe_note=note), probed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probed:
+    """The probed tensors' arrays: ``names`` maps each to ``(label, order)``; per iteration, the original's
+    (CPU) and the candidate's values."""
+
+    names: Mapping[str, tuple[str, int]]
+    references: Outputs
+    candidates: Outputs
+
+
+class _Float64Truth:
+    """The float64 side of a verification, run only after a mismatch of values alone.
+
+    - Outputs: the whole original evaluated in float64, at most once per verification (shared by every
+      provider): the original's and the candidate's distance to it.
+    - Probed folds: each fold cut out of both models (:mod:`bnfold.validate.local_folds`) and fed the
+      original's own float32 value of its input on the first batch, rescaled to unit RMS
+      (:func:`_unit_scale`; a fold is an identity, so one batch of many positions tests it); the cut-out
+      original is also evaluated in float64. A fold that cannot be cut out is left out of the float64
+      verdict's attribution and named in the note (``TruthMetrics.scope``).
+    """
+
+    def __init__(self, model: ModelSource, batches: Sequence[Batch], limits: Float64Limits, clock: _Clock) -> None:
+        self.model, self.batches, self.limits, self.clock = model, batches, limits, clock
+        self.started: float | None = None
+        self._outputs: tuple[Float64Check, Outputs] | None = None
+
+    def _spent(self) -> float:
+        return 0.0 if self.started is None else time.perf_counter() - self.started
+
+    def check(
+        self,
+        reference_outputs: Outputs,
+        candidate_model: ModelSource,
+        candidate_outputs: Outputs,
+        probed: _Probed | None,
+        provider: str,
+        cuda_tf32: bool,
+    ) -> Float64Check:
+        """Distances to the float64 truth of the original (float32, CPU) and the candidate: outputs, folds."""
+        if self.started is None:
+            self.started = time.perf_counter()
+        base, truth = self._whole_model()
+        if base.unavailable is not None:
+            return base
+        count = len(truth)
+        outputs = tuple(
+            TruthMetrics(
+                name=name,
+                dtype=_dtype(reference_outputs[0][name]),
+                original=_compare([name], truth, reference_outputs[:count])[0],
+                candidate=_compare([name], truth, candidate_outputs[:count])[0],
+            )
+            for name in self.model.output_names()
+        )
+        probes: tuple[TruthMetrics, ...] = ()
+        note = base.note
+        if probed is not None:
+            probes, probe_note = self._folds(candidate_model, probed, provider, cuda_tf32)
+            note = "; ".join(part for part in (note, probe_note) if part) or None
+        return dataclasses.replace(
+            base, outputs=outputs, probes=probes, note=note, elapsed_s=round(self._spent(), 4)
+        )
+
+    def _whole_model(self) -> tuple[Float64Check, Outputs]:
+        if self._outputs is None:
+            self._outputs = self._run_whole_model()
+        return self._outputs
+
+    def _run_whole_model(self) -> tuple[Float64Check, Outputs]:
+        reason = float64_reference.unavailable_reason(self.model, self.limits)
+        if reason is not None:
+            return Float64Check(unavailable=reason), []
+        try:
+            evaluator = float64_reference.make_evaluator(self.model, ())
+        except Exception as error:
+            return Float64Check(unavailable=f"no engine could evaluate the float64 copy: {one_line(error)}"), []
+        names = self.model.output_names()
+        truth: Outputs = []
+        note = None
+        total = len(self.batches)
+        for iteration, batch in enumerate(self.batches):
+            try:
+                truth.append(evaluator.run(batch, names))
+            except Exception as error:
+                reason = f"{evaluator.engine} failed on iteration {iteration}: {one_line(error)}"
+                return Float64Check(engine=evaluator.engine, unavailable=reason), []
+            self.clock.tick("float64 reference", iteration + 1, total)
+            if iteration + 1 < total and self._spent() > self.limits.time_budget_s:
+                note = (
+                    f"float64 run stopped after {iteration + 1} of {total} iteration(s): time budget "
+                    f"{self.limits.time_budget_s:g} s spent"
+                )
+                break
+        return Float64Check(engine=evaluator.engine, iterations=len(truth), note=note), truth
+
+    def _folds(
+        self, candidate_model: ModelSource, probed: _Probed, provider: str, cuda_tf32: bool
+    ) -> tuple[tuple[TruthMetrics, ...], str | None]:
+        """Each probed fold on its own (or, when it cannot be cut out, in the whole network)."""
+        cut = {}
+        for name in probed.names:
+            inputs = local_folds.fold_inputs(candidate_model, name)
+            if inputs is not None:
+                cut[name] = inputs
+        fold_inputs = tuple(dict.fromkeys(name for inputs in cut.values() for name in inputs))
+        try:
+            session = make_session(self.model.with_extra_outputs(fold_inputs), CPU)
+            feeds = [session.run(self.batches[0], fold_inputs)]  # a fold is an identity: one batch tests it
+        except Exception as error:
+            return (), f"folds not measured against float64: {one_line(error)}"
+        results = []
+        whole_network = []
+        total = len(probed.names)
+        for done, (name, (label, order)) in enumerate(probed.names.items(), start=1):
+            measured = None
+            if name in cut and self._spent() <= self.limits.time_budget_s:
+                measured = self._fold(candidate_model, name, cut[name], feeds, provider, cuda_tf32)
+            if measured is None:
+                whole_network.append(label)
+                continue
+            original, candidate = measured
+            dtype = _dtype(probed.references[0][name])
+            results.append(TruthMetrics(name, dtype, original, candidate, label=label, order=order, scope="fold"))
+            self.clock.tick("float64 folds", done, total)
+        note = None
+        if whole_network:
+            more = f" and {len(whole_network) - 3} more" if len(whole_network) > 3 else ""
+            listed = ", ".join(whole_network[:3]) + more
+            note = f"not measured fold by fold (cannot be cut out, or time budget spent): {listed}"
+        return tuple(results), note
+
+    def _fold(
+        self,
+        candidate_model: ModelSource,
+        name: str,
+        inputs: tuple[str, ...],
+        feeds: Outputs,
+        provider: str,
+        cuda_tf32: bool,
+    ) -> tuple[TensorMetrics, TensorMetrics] | None:
+        dtypes = {input_name: feeds[0][input_name].dtype for input_name in inputs}
+        original = local_folds.sub_model(self.model, inputs, name, dtypes)
+        candidate = local_folds.sub_model(candidate_model, inputs, name, dtypes)
+        if original is None or candidate is None:
+            return None
+        try:
+            original_session = make_session(original, CPU)
+            candidate_session = make_session(candidate, provider, cuda_tf32=cuda_tf32)
+            evaluator = float64_reference.make_evaluator(original, ())
+            local_feeds = [{input_name: _unit_scale(feed[input_name]) for input_name in inputs} for feed in feeds]
+            truth = [evaluator.run(feed, (name,)) for feed in local_feeds]
+            originals = [original_session.run(feed, [name]) for feed in local_feeds]
+            candidates = [candidate_session.run(feed, [name]) for feed in local_feeds]
+        except Exception:  # e.g. an op neither float64 engine runs: this fold is judged in the whole network
+            return None
+        return _compare([name], truth, originals)[0], _compare([name], truth, candidates)[0]
+
+
+def _unit_scale(array: np.ndarray) -> np.ndarray:
+    """A floating fold input rescaled to unit RMS (other inputs unchanged).
+
+    A fold is an algebraic identity, true for every input, so any input tests it; at unit scale its bias is
+    not drowned in the rounding of the large activations of a badly conditioned network.
+    """
+    if array.dtype.kind != "f" or array.size == 0:
+        return array
+    wide = array.astype(np.float64)
+    finite = wide[np.isfinite(wide)]
+    rms = float(np.sqrt(np.mean(finite * finite))) if finite.size else 0.0
+    return array if rms == 0 or not np.isfinite(rms) else (wide / rms).astype(array.dtype)
+
+
+def _dtype(array: np.ndarray) -> str:
+    return np.dtype(array.dtype).name
 
 
 def _versions() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Builders of small Conv/ConvTranspose + BatchNormalization models and an onnxruntime oracle for tests."""
+"""Builders of small Conv/ConvTranspose + BatchNormalization models; the oracle is :mod:`tests.oracle`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from tests import oracle
+from tests.oracle import run, session
+
+__all__ = ["ConvBN", "assert_equivalent", "op_types", "random_feeds", "run", "session"]
 
 NP_TO_ONNX = {
     np.dtype(np.float32): onnx.TensorProto.FLOAT,
@@ -94,50 +96,13 @@ class ConvBN:
         return model
 
 
-def session(model: onnx.ModelProto | str) -> ort.InferenceSession:
-    """A CPU session with every graph optimisation off, so onnxruntime does not fold Conv+BN itself."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    source = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """onnxruntime CPU (optimisations off); onnx's reference evaluator for dtypes without a CPU kernel (fp64)."""
-    try:
-        return session(model).run(None, feeds)
-    except ort_errors.NotImplemented:
-        return ReferenceEvaluator(model).run(None, feeds)
-
-
 def random_feeds(model: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    initializer_names = {init.name for init in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name in initializer_names:
-            continue
-        tensor_type = value.type.tensor_type
-        shape = [d.dim_value or 1 for d in tensor_type.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
-
-
-TOLERANCE = {np.float64: 1e-10, np.float32: 1e-4, np.float16: 2e-2}
+    return oracle.random_feeds(model, seed, free_dim=1)
 
 
 def assert_equivalent(original: onnx.ModelProto, folded: onnx.ModelProto, dtype=np.float32) -> None:
-    """Original (no optimisations) vs folded on onnxruntime CPU; relative to the output's magnitude."""
-    feeds = random_feeds(original)
-    expected = run(original, feeds)
-    actual = run(folded, feeds)
-    assert len(expected) == len(actual)
-    for want, got in zip(expected, actual, strict=True):
-        assert want.dtype == got.dtype and want.shape == got.shape
-        scale = max(1.0, float(np.max(np.abs(want.astype(np.float64)))))
-        error = float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64)))) / scale
-        assert error <= TOLERANCE[np.dtype(dtype).type], f"relative error {error:.3g}"
+    """Original vs folded on onnxruntime CPU (optimisations off), judged by the library's tolerance table."""
+    oracle.assert_equivalent(original, folded, dtype, random_feeds(original))
 
 
 def op_types(model: onnx.ModelProto) -> list[str]:

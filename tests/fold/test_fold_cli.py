@@ -205,3 +205,17 @@ def test_junit_xml_has_one_testcase_per_provider_and_output(model_path, tmp_path
     cases = ElementTree.parse(junit).getroot().iter("testcase")
     outcomes = [(case.get("name"), [child.tag for child in case if child.tag != "system-out"]) for case in cases]
     assert outcomes == [("cpu/Y", [])]  # passed: no <failure>, <error> or <skipped>
+
+
+def test_model_without_batch_norm_says_why_and_what_to_do(tmp_path, capsys):
+    model = ConvBN().build()
+    bn = model.graph.node[1]
+    model.graph.node.remove(bn)
+    model.graph.node[0].output[0] = bn.output[0]  # Conv writes Y: a model already fused by its exporter
+    source = tmp_path / "fused.onnx"
+    onnx.save(model, source)
+    assert main([str(source), "-o", str(tmp_path / "out.onnx"), "--no-verify"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "0 / 0" in printed
+    assert "has no BatchNormalization" in printed and "fuse Conv+BN" in printed
+    assert "training=torch.onnx.TrainingMode.PRESERVE" in printed and "optimize=False" in printed

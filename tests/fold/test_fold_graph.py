@@ -150,9 +150,9 @@ def test_second_fold_changes_nothing_and_saves_identical_bytes(tmp_path):
     source = tmp_path / "model.onnx"
     onnx.save(shared_weight_model(), source)
     first, first_report = bnfold.fold(source)
-    bnfold.io.save_model(first, tmp_path / "first.onnx")
+    bnfold.files.save_model(first, tmp_path / "first.onnx")
     second, second_report = bnfold.fold(tmp_path / "first.onnx")
-    bnfold.io.save_model(second, tmp_path / "second.onnx")
+    bnfold.files.save_model(second, tmp_path / "second.onnx")
     assert len(first_report.folded) == 2
     assert second_report.records == ()
     assert (tmp_path / "first.onnx").read_bytes() == (tmp_path / "second.onnx").read_bytes()
@@ -164,7 +164,7 @@ def test_fold_is_deterministic(tmp_path):
     outputs = []
     for attempt in range(2):
         folded, _ = bnfold.fold(source)
-        bnfold.io.save_model(folded, tmp_path / f"out{attempt}.onnx")
+        bnfold.files.save_model(folded, tmp_path / f"out{attempt}.onnx")
         outputs.append((tmp_path / f"out{attempt}.onnx").read_bytes())
     assert outputs[0] == outputs[1]
 

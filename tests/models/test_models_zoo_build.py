@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
+from models_expectations import NEW_ARCHITECTURES, batchnorm_classes, expected_batchnorm_classes
 
 from models.__main__ import main as models_main
 from models.build import (
@@ -46,7 +47,17 @@ def test_export_keeps_every_batchnorm_of_the_torch_model(zoo, entry) -> None:
     assert count_ops(model, "BatchNormalization") > 0
 
 
-@pytest.mark.parametrize("name", ["resnet_basic", "densenet", "unet", "audio_cnn", "video_cnn", "mlp"])
+@pytest.mark.parametrize("entry", ZOO, ids=lambda entry: entry.name)
+def test_catalogue_counts_each_kind_of_batchnorm_as_exported(zoo, entry) -> None:
+    """``ZooEntry``'s counts (unfoldable, Linear, forward into a Linear, LeViT, Concat) match the exported graph."""
+    model = ir.load(zoo.get(entry.name, TORCHSCRIPT_17))
+    batchnorm_count = count_ops(model, "BatchNormalization")
+    assert batchnorm_classes(model) == expected_batchnorm_classes(entry, batchnorm_count)
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet_basic", "densenet", "unet", "audio_cnn", "video_cnn", "mlp", *NEW_ARCHITECTURES]
+)
 def test_batchnorm_state_is_far_from_the_defaults(zoo, name: str) -> None:
     for params in batchnorm_parameters(ir.load(zoo.get(name, TORCHSCRIPT_17))):
         assert np.abs(params["scale"] - 1).max() > 0.1

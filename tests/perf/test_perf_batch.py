@@ -10,9 +10,11 @@ import pytest
 from perf_model_factory import conv_bn_chain
 from rich.console import Console
 
-from bnfold import batch, io
-from bnfold.cli import fold_command, main
+from bnfold import batch
+from bnfold.cli import main, render
 from bnfold.errors import ExitCode
+from bnfold.files import load_model
+from bnfold.workflow import FoldOutcome
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def test_batch_folds_every_model_into_the_directory(models, tmp_path: Path, caps
     assert any(f"{models[1]} → {out / 'b.onnx'}: 3/3 BN folded" in line for line in lines)
     assert lines[3].startswith("total: 3/3 models folded, 0 failed, 9/9 BN folded, ")
     assert sorted(os.listdir(out)) == ["a.onnx", "b.onnx", "c.onnx", "c.onnx.data"]
-    assert [len(io.load_model(out / name).graph) for name in ("a.onnx", "b.onnx", "c.onnx")] == [2, 3, 4]
+    assert [len(load_model(out / name).graph) for name in ("a.onnx", "b.onnx", "c.onnx")] == [2, 3, 4]
 
 
 def test_batch_verifies_each_model(models, tmp_path: Path, capsys) -> None:
@@ -69,7 +71,7 @@ def test_batch_quiet_prints_only_failures_to_stderr(models, tmp_path: Path, caps
 def test_batch_in_place_replaces_each_input(models, capsys) -> None:
     code = main(["fold", str(models[0]), str(models[2]), "--in-place", "--no-verify", "-j", "2"])
     assert code == ExitCode.OK
-    assert [len(io.load_model(path).graph) for path in (models[0], models[2])] == [2, 4]
+    assert [len(load_model(path).graph) for path in (models[0], models[2])] == [2, 4]
     assert sorted(os.listdir(models[2].parent)) == ["c.onnx", "c.onnx.1.data"]
 
 
@@ -119,25 +121,22 @@ def test_output_directory_holding_an_input_is_refused(models, capsys) -> None:
 
 
 def test_batch_exit_code_is_the_largest() -> None:
-    job = batch.FoldJob("a", "b")
-    results = [batch.BatchResult(job, code, 0.0) for code in (0, 3, 1)]
+    results = [FoldOutcome("a", "b", code, 0.0) for code in (0, 3, 1)]
     assert batch.batch_exit_code(results) == 3
     assert batch.batch_exit_code([]) == 0
 
 
 def test_progress_bar_shows_on_a_terminal_after_the_threshold(monkeypatch) -> None:
-    monkeypatch.setattr(fold_command, "PROGRESS_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(render, "PROGRESS_AFTER_SECONDS", 0.0)
     console = Console(force_terminal=True, record=True, width=80)
-    job = batch.FoldJob("a", "b")
-    results = [batch.BatchResult(job, 0, 0.0) for _ in range(3)]
-    assert list(fold_command._with_progress(console, iter(results), 3, quiet=False)) == results
+    results = [FoldOutcome("a", "b", 0, 0.0) for _ in range(3)]
+    assert list(render.with_progress(console, iter(results), 3, quiet=False)) == results
     assert "folding" in console.export_text()
 
 
 def test_no_progress_bar_when_not_a_terminal(monkeypatch) -> None:
-    monkeypatch.setattr(fold_command, "PROGRESS_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(render, "PROGRESS_AFTER_SECONDS", 0.0)
     console = Console(force_terminal=False, record=True, width=80)
-    job = batch.FoldJob("a", "b")
-    results = [batch.BatchResult(job, 0, 0.0) for _ in range(3)]
-    assert list(fold_command._with_progress(console, iter(results), 3, quiet=False)) == results
+    results = [FoldOutcome("a", "b", 0, 0.0) for _ in range(3)]
+    assert list(render.with_progress(console, iter(results), 3, quiet=False)) == results
     assert console.export_text() == ""

@@ -13,12 +13,13 @@ import pytest
 from perf_model_factory import conv_bn_chain
 
 import bnfold
-from bnfold import io, streaming
+from bnfold.files import writer
+from bnfold.files.load import load_model
 from bnfold.passes import FoldBatchNormPass, Skip, SkipReason
-from bnfold.passes import rule as rule_module
-from bnfold.passes.rule import ScaledWeight, cast_checked, cast_scaled_checked, product_range
+from bnfold.passes import casting as casting_module
+from bnfold.passes.casting import ScaledWeight, cast_checked, cast_scaled_checked, product_range
 from bnfold.report import BatchNormRecord, FoldStatus
-from bnfold.streaming import fold_to_staged
+from bnfold.workflow import stage_fold
 
 
 def _reference(values: np.ndarray, row_scale: np.ndarray, dtype: ir.DataType) -> np.ndarray:
@@ -32,7 +33,7 @@ def _bits(array: np.ndarray) -> bytes:
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of a few rows, so that small arrays take the blocked path with several blocks."""
-    monkeypatch.setattr(rule_module, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(casting_module, "BLOCK_BYTES", 256)
 
 
 @pytest.mark.parametrize(
@@ -92,7 +93,7 @@ def test_blocked_non_finite_is_skipped(small_blocks, bad: float) -> None:
 
 
 def test_on_folded_is_called_once_per_folded_bn_with_the_rewritten_producer(tmp_path: Path) -> None:
-    model = io.load_model(conv_bn_chain(tmp_path / "chain.onnx", layers=3, channels=2, kernel=1))
+    model = load_model(conv_bn_chain(tmp_path / "chain.onnx", layers=3, channels=2, kernel=1))
     calls: list[tuple[BatchNormRecord, tuple[ir.Node, ...]]] = []
     result = FoldBatchNormPass(on_folded=lambda record, nodes: calls.append((record, nodes)))(model)
     assert [record.node for record, _ in calls] == ["bn0", "bn1", "bn2"]
@@ -102,7 +103,7 @@ def test_on_folded_is_called_once_per_folded_bn_with_the_rewritten_producer(tmp_
 
 
 def test_on_folded_is_not_called_for_a_skipped_bn(tmp_path: Path) -> None:
-    model = io.load_model(conv_bn_chain(tmp_path / "chain.onnx", layers=2, channels=2, kernel=1))
+    model = load_model(conv_bn_chain(tmp_path / "chain.onnx", layers=2, channels=2, kernel=1))
     calls: list[str] = []
     result = FoldBatchNormPass(
         skip=["conv", "forward_conv"], on_folded=lambda record, nodes: calls.append(record.node)
@@ -117,8 +118,8 @@ def test_on_folded_is_not_called_for_a_skipped_bn(tmp_path: Path) -> None:
 @pytest.fixture
 def deferred_small(monkeypatch: pytest.MonkeyPatch) -> None:
     """Defer weights from 1 KiB and use blocks of a few rows, so small arrays take the deferred path."""
-    monkeypatch.setattr(rule_module, "BLOCK_BYTES", 256)
-    monkeypatch.setattr(rule_module, "DEFERRED_BYTES", 1024)
+    monkeypatch.setattr(casting_module, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(casting_module, "DEFERRED_BYTES", 1024)
 
 
 @pytest.mark.parametrize(
@@ -189,24 +190,24 @@ def test_streamed_fold_writes_deferred_weights_bit_identical_to_a_whole_array_fo
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = conv_bn_chain(tmp_path / "chain.onnx", layers=3, channels=16, kernel=3)
-    monkeypatch.setattr(rule_module, "DEFERRED_BYTES", 1 << 40)
+    monkeypatch.setattr(casting_module, "DEFERRED_BYTES", 1 << 40)
     whole, _ = bnfold.fold(source)
-    monkeypatch.setattr(rule_module, "DEFERRED_BYTES", 1024)
-    monkeypatch.setattr(rule_module, "BLOCK_BYTES", 512)
+    monkeypatch.setattr(casting_module, "DEFERRED_BYTES", 1024)
+    monkeypatch.setattr(casting_module, "BLOCK_BYTES", 512)
     streamed: list[ScaledWeight] = []
-    write_blocks = streaming._Output.write_blocks
-    monkeypatch.setattr(streaming._Output, "write_blocks", lambda self, w: (streamed.append(w), write_blocks(self, w)))
-    staged = fold_to_staged(source, tmp_path / "out.onnx", external_data=True)
+    write_blocks = writer.OutputFile.write_blocks
+    monkeypatch.setattr(writer.OutputFile, "write_blocks", lambda self, w: (streamed.append(w), write_blocks(self, w)))
+    staged = stage_fold(source, tmp_path / "out.onnx", external_data=True)
     assert len(streamed) == 3  # every folded weight was computed block by block while being written
     with staged.staged as files:
         files.commit()
-    folded = io.load_model(tmp_path / "out.onnx")
+    folded = load_model(tmp_path / "out.onnx")
     for name, value in whole.graph.initializers.items():
         assert _bits(folded.graph.initializers[name].const_value.numpy()) == _bits(value.const_value.numpy()), name
 
 
 def test_block_rows_make_whole_pages_for_direct_io(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rule_module, "STREAM_BLOCK_BYTES", 1 << 16)
+    monkeypatch.setattr(casting_module, "STREAM_BLOCK_BYTES", 1 << 16)
     weight = ScaledWeight(np.zeros((512, 512, 3, 3), np.float32), np.ones((512, 1, 1, 1)), np.float32)  # 18 KiB rows
     rows = weight.block_rows(4096)
     assert rows % 2 == 0 and rows * 18432 % 4096 == 0 and rows * 18432 <= 1 << 16
@@ -218,9 +219,9 @@ def test_block_rows_make_whole_pages_for_direct_io(monkeypatch: pytest.MonkeyPat
 def _fold_with_direct_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: bool) -> tuple[int, list[int]]:
     """Fold a chain with deferred weights written by direct I/O; return (direct writes, descriptors refused)."""
     source = conv_bn_chain(tmp_path / "chain.onnx", layers=3, channels=16, kernel=3)
-    monkeypatch.setattr(rule_module, "DEFERRED_BYTES", 1024)
-    monkeypatch.setattr(rule_module, "BLOCK_BYTES", 512)
-    monkeypatch.setattr(streaming, "ALIGN_THRESHOLD_BYTES", 1024)  # these small weights get page-aligned offsets
+    monkeypatch.setattr(casting_module, "DEFERRED_BYTES", 1024)
+    monkeypatch.setattr(casting_module, "BLOCK_BYTES", 512)
+    monkeypatch.setattr(writer, "ALIGN_THRESHOLD_BYTES", 1024)  # these small weights get page-aligned offsets
     direct_writes, refused = [0], []
     pwrite = os.pwrite
 
@@ -234,15 +235,15 @@ def _fold_with_direct_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse
         return pwrite(descriptor, data, offset)
 
     opened: set[int] = set()
-    open_direct = streaming._open_direct
-    monkeypatch.setattr(streaming, "_open_direct", lambda path: (fd := open_direct(path), opened.add(fd))[0])
-    monkeypatch.setattr(streaming.os, "pwrite", counting_pwrite)
-    staged = fold_to_staged(source, tmp_path / "out.onnx", external_data=True)
+    open_direct = writer._open_direct
+    monkeypatch.setattr(writer, "_open_direct", lambda path: (fd := open_direct(path), opened.add(fd))[0])
+    monkeypatch.setattr(writer.os, "pwrite", counting_pwrite)
+    staged = stage_fold(source, tmp_path / "out.onnx", external_data=True)
     with staged.staged as files:
         files.commit()
     monkeypatch.undo()
     whole, _ = bnfold.fold(source)
-    folded = io.load_model(tmp_path / "out.onnx")
+    folded = load_model(tmp_path / "out.onnx")
     for name, value in whole.graph.initializers.items():
         assert _bits(folded.graph.initializers[name].const_value.numpy()) == _bits(value.const_value.numpy()), name
     return direct_writes[0], refused
@@ -251,7 +252,7 @@ def _fold_with_direct_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse
 def _skip_without_direct_io(directory: Path) -> None:
     probe = directory / "probe"
     probe.touch()
-    descriptor = streaming._open_direct(probe)
+    descriptor = writer._open_direct(probe)
     if descriptor < 0:
         pytest.skip(f"no O_DIRECT on this platform or the file system of {directory}")
     os.close(descriptor)

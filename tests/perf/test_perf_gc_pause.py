@@ -12,7 +12,7 @@ import bnfold
 from bnfold.errors import InvalidModelError
 from bnfold.gc_pause import gc_paused
 from bnfold.passes import FoldBatchNormPass
-from bnfold.streaming import fold_to_staged
+from bnfold.workflow import stage_fold
 
 
 @pytest.fixture
@@ -56,10 +56,10 @@ def test_fold_pauses_the_collector_and_restores_it_even_on_error(collector_enabl
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FoldBatchNormPass, "call", spying_call)
-        staged = fold_to_staged(source, tmp_path / "out.onnx")
+        staged = stage_fold(source, tmp_path / "out.onnx")
         staged.staged.discard()
         bnfold.fold(source)
     assert seen == [False, False] and gc.isenabled()
     with pytest.raises(InvalidModelError):
-        fold_to_staged(tmp_path / "missing.onnx", tmp_path / "out.onnx")
+        stage_fold(tmp_path / "missing.onnx", tmp_path / "out.onnx")
     assert gc.isenabled()

@@ -7,19 +7,20 @@ from pathlib import Path
 import pytest
 from perf_model_factory import conv_bn_chain
 
-from bnfold import io, streaming
+from bnfold.files import load_model
+from bnfold.workflow import stage_fold
 
 
 def _fold_chain(tmp_path: Path, pairs: int) -> None:
     source = conv_bn_chain(tmp_path / "chain.onnx", layers=pairs, channels=1, kernel=1)
     output = tmp_path / "folded.onnx"
-    result = streaming.fold_to_staged(source, output)
+    result = stage_fold(source, output)
     with result.staged as staged:
         staged.commit()
     report = result.report
     assert (len(report.folded), len(report.skipped)) == (pairs, 0)
     assert (report.nodes_before, report.nodes_after) == (2 * pairs, pairs)
-    folded = io.load_model(output)
+    folded = load_model(output)
     assert [node.op_type for node in folded.graph].count("Conv") == pairs
     assert len(folded.graph.initializers) == 2 * pairs  # each Conv: weight + new bias; BN params pruned
     assert folded.graph.outputs[0].name == f"y{pairs - 1}"

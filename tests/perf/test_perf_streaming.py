@@ -12,8 +12,13 @@ import onnx_ir as ir
 import pytest
 from perf_model_factory import conv_bn_chain
 
-from bnfold import api, io, streaming
+from bnfold import api
 from bnfold.errors import InvalidModelError, UsageError
+from bnfold.files import load, serialize, writer
+from bnfold.files.load import files_size_bytes, load_model, open_lazily
+from bnfold.files.serialize import EXTERNAL_DATA_THRESHOLD_BYTES
+from bnfold.files.staging import save_model
+from bnfold.workflow import FoldOptions, _spill_to, stage_fold
 
 
 def _digest(path: Path) -> tuple[str, int]:
@@ -25,7 +30,7 @@ def _arrays(model: ir.Model) -> dict[str, np.ndarray]:
 
 
 def _in_memory_fold(path: Path) -> ir.Model:
-    return api.fold(io.load_model(path))[0]
+    return api.fold(load_model(path))[0]
 
 
 @pytest.fixture
@@ -36,11 +41,11 @@ def external_model(tmp_path: Path) -> Path:
 def test_external_fold_equals_in_memory_fold(external_model: Path, tmp_path: Path) -> None:
     output = tmp_path / "out" / "folded.onnx"
     output.parent.mkdir()
-    result = streaming.fold_to_staged(external_model, output)
+    result = stage_fold(external_model, output)
     with result.staged as staged:
         staged.commit()
     assert len(result.report.folded) == 4
-    folded = io.load_model(output)
+    folded = load_model(output)
     expected = _in_memory_fold(external_model)
     got, want = _arrays(folded), _arrays(expected)
     assert sorted(got) == sorted(want)
@@ -53,10 +58,10 @@ def test_external_fold_equals_in_memory_fold(external_model: Path, tmp_path: Pat
 
 def test_untouched_tensor_bytes_are_copied_identically(external_model: Path, tmp_path: Path) -> None:
     output = tmp_path / "folded.onnx"
-    with streaming.fold_to_staged(external_model, output).staged as staged:
+    with stage_fold(external_model, output).staged as staged:
         staged.commit()
-    source = io.load_model(external_model).graph.initializers["w_plain"].const_value
-    copied = io.load_model(output).graph.initializers["w_plain"].const_value
+    source = load_model(external_model).graph.initializers["w_plain"].const_value
+    copied = load_model(output).graph.initializers["w_plain"].const_value
     assert isinstance(copied, ir.ExternalTensor)
     assert copied.tobytes() == source.tobytes()
     assert copied.location == "folded.onnx.data"
@@ -65,16 +70,16 @@ def test_untouched_tensor_bytes_are_copied_identically(external_model: Path, tmp
 def test_input_files_are_untouched(external_model: Path, tmp_path: Path) -> None:
     data = external_model.parent / "ext.onnx.data"
     before = (_digest(external_model), _digest(data))
-    with streaming.fold_to_staged(external_model, tmp_path / "folded.onnx").staged as staged:
+    with stage_fold(external_model, tmp_path / "folded.onnx").staged as staged:
         staged.commit()
     assert (_digest(external_model), _digest(data)) == before
 
 
 def test_folded_tensors_are_spilled_to_the_data_file_during_the_fold(external_model: Path, tmp_path) -> None:
-    model = io.load_model(external_model)
-    data = streaming.DataFile(tmp_path / "spill.data")
+    model = load_model(external_model)
+    data = writer.DataFile(tmp_path / "spill.data")
     try:
-        result = streaming._SpillingFoldPass(data, only=None, skip=None, lower_standalone=False)(model)
+        result = FoldOptions().make_pass(on_folded=_spill_to(data))(model)
     finally:
         data.close()
     assert len(result.report.folded) == 4
@@ -84,7 +89,7 @@ def test_folded_tensors_are_spilled_to_the_data_file_during_the_fold(external_mo
     in_memory = [
         name
         for name, value in result.model.graph.initializers.items()
-        if type(value.const_value) is ir.Tensor and value.const_value.nbytes >= io.EXTERNAL_DATA_THRESHOLD_BYTES
+        if type(value.const_value) is ir.Tensor and value.const_value.nbytes >= EXTERNAL_DATA_THRESHOLD_BYTES
     ]
     assert in_memory == []
     np.testing.assert_array_equal(weight.numpy(), _arrays(_in_memory_fold(external_model))["w0"])
@@ -93,7 +98,7 @@ def test_folded_tensors_are_spilled_to_the_data_file_during_the_fold(external_mo
 def test_in_place_fold_alternates_data_file_and_removes_the_superseded_one(external_model: Path) -> None:
     data = external_model.parent / "ext.onnx.data"
     original = data.read_bytes()
-    result = streaming.fold_to_staged(external_model, external_model)
+    result = stage_fold(external_model, external_model)
     with result.staged as staged:
         assert staged.data_name == "ext.onnx.1.data"
         assert staged.superseded_data == (data.resolve(),)
@@ -101,7 +106,7 @@ def test_in_place_fold_alternates_data_file_and_removes_the_superseded_one(exter
         assert data.read_bytes() == original  # still there until removed explicitly
         assert staged.remove_superseded_data() == (data.resolve(),)
     assert sorted(os.listdir(external_model.parent)) == ["ext.onnx", "ext.onnx.1.data"]
-    again = streaming.fold_to_staged(external_model, external_model)
+    again = stage_fold(external_model, external_model)
     with again.staged as staged:
         assert staged.data_name == "ext.onnx.data"
         assert len(again.report.folded) == 0
@@ -109,7 +114,7 @@ def test_in_place_fold_alternates_data_file_and_removes_the_superseded_one(exter
         staged.remove_superseded_data()
     assert sorted(os.listdir(external_model.parent)) == ["ext.onnx", "ext.onnx.data"]
     np.testing.assert_array_equal(
-        _arrays(io.load_model(external_model))["w0"], _arrays(_in_memory_fold_of_original(external_model))["w0"]
+        _arrays(load_model(external_model))["w0"], _arrays(_in_memory_fold_of_original(external_model))["w0"]
     )
 
 
@@ -122,27 +127,27 @@ def _in_memory_fold_of_original(path: Path) -> ir.Model:
 @pytest.fixture
 def eager_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make small files take the lazy wire-scan path."""
-    monkeypatch.setattr(streaming, "LAZY_FILE_BYTES", 0)
-    monkeypatch.setattr(streaming, "LAZY_TENSOR_BYTES", 512)
+    monkeypatch.setattr(load, "LAZY_FILE_BYTES", 0)
+    monkeypatch.setattr(load, "LAZY_TENSOR_BYTES", 512)
 
 
 def test_self_contained_file_is_read_lazily_and_written_self_contained(eager_threshold, tmp_path: Path) -> None:
     source = conv_bn_chain(tmp_path / "inline.onnx", layers=3, channels=16, extra_untouched=True)
-    lazily = streaming.open_lazily(source)
+    lazily = open_lazily(source)
     weight = lazily.graph.initializers["w0"].const_value
     assert isinstance(weight, ir.ExternalTensor)
     assert weight.location == "inline.onnx"
-    np.testing.assert_array_equal(weight.numpy(), io.load_model(source).graph.initializers["w0"].const_value.numpy())
-    assert io.files_size_bytes(source, lazily) == source.stat().st_size
+    np.testing.assert_array_equal(weight.numpy(), load_model(source).graph.initializers["w0"].const_value.numpy())
+    assert files_size_bytes(source, lazily) == source.stat().st_size
     output = tmp_path / "out.onnx"
-    with streaming.fold_to_staged(source, output).staged as staged:
+    with stage_fold(source, output).staged as staged:
         assert staged.data_name is None
         staged.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inline.onnx", "out.onnx"]
     proto = onnx.load(os.fspath(output))
     onnx.checker.check_model(proto, full_check=True)
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    got, want = _arrays(io.load_model(output)), _arrays(_in_memory_fold(source))
+    got, want = _arrays(load_model(output)), _arrays(_in_memory_fold(source))
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -150,8 +155,8 @@ def test_self_contained_file_is_read_lazily_and_written_self_contained(eager_thr
 
 def test_streamed_self_contained_file_equals_onnx_ir_save(tmp_path: Path) -> None:
     source = conv_bn_chain(tmp_path / "inline.onnx", layers=2, channels=32, extra_untouched=True)
-    model = io.load_model(source)
-    io.save_model(model, tmp_path / "streamed.onnx")
+    model = load_model(source)
+    save_model(model, tmp_path / "streamed.onnx")
     ir.save(model, tmp_path / "reference.onnx")
     streamed = onnx.load(os.fspath(tmp_path / "streamed.onnx"))
     reference = onnx.load(os.fspath(tmp_path / "reference.onnx"))
@@ -170,19 +175,19 @@ def test_streamed_self_contained_file_equals_onnx_ir_save(tmp_path: Path) -> Non
 
 
 def test_save_model_leaves_the_model_unchanged(external_model: Path, tmp_path: Path) -> None:
-    model = io.load_model(external_model)
+    model = load_model(external_model)
     before = {name: value.const_value for name, value in model.graph.initializers.items()}
-    io.save_model(model, tmp_path / "copy.onnx", external_data=True)
-    io.save_model(model, tmp_path / "inline.onnx", external_data=False)
+    save_model(model, tmp_path / "copy.onnx", external_data=True)
+    save_model(model, tmp_path / "inline.onnx", external_data=False)
     assert {name: value.const_value for name, value in model.graph.initializers.items()} == before
     assert not (tmp_path / "inline.onnx.data").exists()
     np.testing.assert_array_equal(
-        _arrays(io.load_model(tmp_path / "inline.onnx"))["w1"], _arrays(io.load_model(external_model))["w1"]
+        _arrays(load_model(tmp_path / "inline.onnx"))["w1"], _arrays(load_model(external_model))["w1"]
     )
 
 
 def test_large_tensors_are_aligned_in_the_data_file(tmp_path: Path) -> None:
-    data = streaming.DataFile(tmp_path / "x.data")
+    data = writer.DataFile(tmp_path / "x.data")
     small = data.store(ir.tensor(np.ones(10, np.float32), name="small"))
     large = data.store(ir.tensor(np.arange(300_000, dtype=np.float32), name="large"))
     data.close()
@@ -195,9 +200,9 @@ def test_large_tensors_are_aligned_in_the_data_file(tmp_path: Path) -> None:
 
 def test_self_contained_output_beyond_protobuf_limit_is_refused(monkeypatch, tmp_path: Path) -> None:
     source = conv_bn_chain(tmp_path / "inline.onnx", layers=2, channels=16)
-    monkeypatch.setattr(io, "PROTOBUF_LIMIT_BYTES", 10_000)
+    monkeypatch.setattr(serialize, "PROTOBUF_LIMIT_BYTES", 10_000)
     with pytest.raises(UsageError, match="exceed the 2 GiB protobuf limit"):
-        io.save_model(io.load_model(source), tmp_path / "out.onnx", external_data=False)
+        save_model(load_model(source), tmp_path / "out.onnx", external_data=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inline.onnx"]
 
 
@@ -207,7 +212,7 @@ def test_wire_scan_falls_back_on_a_repeated_graph_field(eager_threshold, tmp_pat
     extra = onnx.ModelProto()
     extra.graph.doc_string = "merged"
     source.write_bytes(proto.SerializeToString() + extra.SerializeToString())  # protobuf merges both
-    model = streaming.open_lazily(source)
+    model = open_lazily(source)
     assert model.graph.doc_string == "merged"
     assert not isinstance(model.graph.initializers["w0"].const_value, ir.ExternalTensor)
 
@@ -216,12 +221,12 @@ def test_wire_scan_rejects_a_truncated_file(eager_threshold, tmp_path: Path) -> 
     source = conv_bn_chain(tmp_path / "inline.onnx", layers=2, channels=16)
     source.write_bytes(source.read_bytes()[:-100])
     with pytest.raises(InvalidModelError, match=r"inline\.onnx"):
-        streaming.open_lazily(source)
+        open_lazily(source)
 
 
 def test_missing_output_directory_is_a_usage_error(external_model: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
-        streaming.fold_to_staged(external_model, tmp_path / "nowhere" / "x.onnx")
+        stage_fold(external_model, tmp_path / "nowhere" / "x.onnx")
 
 
 def _forward_and_through_add_model(path: Path) -> Path:
@@ -277,10 +282,10 @@ def _forward_and_through_add_model(path: Path) -> Path:
 
 def test_forward_and_through_add_folds_are_spilled_and_equal_the_in_memory_fold(tmp_path: Path) -> None:
     source = _forward_and_through_add_model(tmp_path / "mixed.onnx")
-    expected_model, expected_report = api.fold(io.load_model(source))
-    data = streaming.DataFile(tmp_path / "spill.data")
+    expected_model, expected_report = api.fold(load_model(source))
+    data = writer.DataFile(tmp_path / "spill.data")
     try:
-        result = streaming._SpillingFoldPass(data, only=None, skip=None)(io.load_model(source))
+        result = FoldOptions().make_pass(on_folded=_spill_to(data))(load_model(source))
     finally:
         data.close()
     assert [record.folded for record in result.report.records] == [record.folded for record in expected_report.records]
@@ -288,7 +293,7 @@ def test_forward_and_through_add_folds_are_spilled_and_equal_the_in_memory_fold(
     spilled_or_small = [
         name
         for name, value in result.model.graph.initializers.items()
-        if type(value.const_value) is ir.Tensor and value.const_value.nbytes >= io.EXTERNAL_DATA_THRESHOLD_BYTES
+        if type(value.const_value) is ir.Tensor and value.const_value.nbytes >= EXTERNAL_DATA_THRESHOLD_BYTES
     ]
     assert spilled_or_small == []
     got, want = _arrays(result.model), _arrays(expected_model)

@@ -11,7 +11,7 @@ import pytest
 
 import bnfold
 from bnfold.cli import main
-from bnfold.io import load_model
+from bnfold.files import load_model
 from tests.recalibrate.recalibrate_helpers import draw
 
 DEMO = Path("models/demo_resnet.onnx")

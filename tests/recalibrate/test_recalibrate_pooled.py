@@ -116,7 +116,7 @@ def test_every_bn_holds_the_statistics_of_its_input_in_the_recalibrated_model() 
     """demo_resnet has BNs inside residual blocks (branch and shortcut BNs feed an Add). After recalibration,
     running the *recalibrated* model on all the data gives each BN an input whose mean/var are exactly the
     stored ones: the generations ordered the work right. 7 generations, 7 passes."""
-    model = bnfold.io.load_model(DEMO)
+    model = bnfold.files.load_model(DEMO)
     set_garbage_statistics(model)
     batches = _demo_batches((4, 4, 4))
     recalibrated, report = bnfold.recalibrate(model, batches)
@@ -129,7 +129,7 @@ def test_statistics_are_wrong_without_generations(monkeypatch: pytest.MonkeyPatc
     """The check above can fail: measuring every BN in one pass (all generation 0) reads inputs computed
     with the garbage upstream statistics."""
     monkeypatch.setattr(recalibration_api, "generations", lambda model, targets: [0] * len(targets))
-    model = bnfold.io.load_model(DEMO)
+    model = bnfold.files.load_model(DEMO)
     set_garbage_statistics(model)
     batches = _demo_batches((4, 4, 4))
     recalibrated, _ = bnfold.recalibrate(model, batches)

@@ -1,10 +1,8 @@
-"""Shared builders and the onnxruntime oracle for the rule tests (``tests/rules``).
+"""Shared builders for the rule tests (``tests/rules``); the oracle is :mod:`tests.oracle`.
 
 Models are built as ``onnx.ModelProto`` with ``onnx.helper`` so that every test states its graph explicitly.
-The oracle runs the original and the folded model on onnxruntime CPU with every graph optimisation off
-(``ORT_DISABLE_ALL``). When the CPU provider has no kernel for the dtype (bf16 everywhere, fp64 Conv), both
-models are widened to float64 — exactly, every bf16/fp16 value is a float64 — and compared there, so the
-check still sees the error of the folded weights rounded to the narrow dtype.
+:func:`assert_equivalent` runs the original and the folded model on onnxruntime CPU with every graph
+optimisation off and judges them by the library's tolerance table (see :mod:`tests.oracle`).
 """
 
 from __future__ import annotations
@@ -13,27 +11,17 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 from onnx import helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 import bnfold
 from bnfold.report import BatchNormRecord, FoldReport, FoldStatus
+from tests.oracle import assert_equivalent, random_feeds, run, session, widen_to_float64
+
+__all__ = ["assert_equivalent", "random_feeds", "run", "session", "widen_to_float64"]  # (re-exported oracle)
 
 FLOAT_DTYPES = [np.float32, np.float16, np.float64, ml_dtypes.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "fp64", "bf16"]
 OPSET = 17
-
-# Largest error relative to max(1, max|reference|) that a folded model may show, per dtype of the weights.
-RELATIVE_TOLERANCE = {
-    np.dtype(np.float64): 1e-10,
-    np.dtype(np.float32): 1e-4,
-    np.dtype(np.float16): 2e-2,
-    np.dtype(ml_dtypes.bfloat16): 6e-2,
-}
-
-_NARROW_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 def elem_type(dtype) -> int:
@@ -112,99 +100,3 @@ def assert_folded(record: BatchNormRecord, rule: str) -> None:
 def assert_skipped(record: BatchNormRecord, reason: bnfold.SkipReason) -> None:
     assert record.status is FoldStatus.SKIPPED, record
     assert record.reason is reason, record
-
-
-def random_feeds(model: onnx.ModelProto, seed: int = 1, overrides: dict | None = None) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    initializer_names = {init.name for init in model.graph.initializer}
-    feeds = {}
-    for value in model.graph.input:
-        if value.name in initializer_names:
-            continue
-        tensor_type = value.type.tensor_type
-        shape = [d.dim_value or 2 for d in tensor_type.shape.dim]
-        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        if dtype == np.bool_:
-            feeds[value.name] = np.array(True)
-        else:
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-    feeds.update(overrides or {})
-    return feeds
-
-
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """onnxruntime CPU, optimisations off; the float64-widened model when CPU lacks a kernel for the dtype."""
-    try:
-        return session(model).run(None, feeds)
-    except (ort_errors.NotImplemented, ort_errors.InvalidGraph, ort_errors.Fail):
-        wide = widen_to_float64(model)
-        wide_feeds = {k: v.astype(np.float64) if _is_narrow_float(v) else v for k, v in feeds.items()}
-        try:
-            return session(wide).run(None, wide_feeds)
-        except ort_errors.NotImplemented:  # fp64 Conv has no CPU kernel: onnx's numpy reference evaluator
-            return ReferenceEvaluator(wide).run(None, wide_feeds)
-
-
-def assert_equivalent(original: onnx.ModelProto, folded: onnx.ModelProto, dtype, feeds=None) -> None:
-    """Every output of ``folded`` matches ``original`` within the dtype's relative tolerance."""
-    feeds = feeds if feeds is not None else random_feeds(original)
-    expected = run(original, feeds)
-    actual = run(folded, feeds)
-    assert len(expected) == len(actual)
-    for want, got in zip(expected, actual, strict=True):
-        assert want.shape == got.shape
-        want64, got64 = want.astype(np.float64), got.astype(np.float64)
-        scale = max(1.0, float(np.max(np.abs(want64))))
-        error = float(np.max(np.abs(want64 - got64))) / scale
-        assert error <= RELATIVE_TOLERANCE[np.dtype(dtype)], f"relative error {error:.3g} for {np.dtype(dtype)}"
-
-
-def _is_narrow_float(array: np.ndarray) -> bool:
-    return array.dtype in (np.float32, np.float16, ml_dtypes.bfloat16)
-
-
-def widen_to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with every fp32/fp16/bf16 tensor, type and Constant widened to float64 (exact)."""
-    wide = onnx.ModelProto()
-    wide.CopyFrom(model)
-    _widen_graph(wide.graph)
-    for function in wide.functions:
-        for node in function.node:
-            _widen_node(node)
-    return wide
-
-
-def _widen_tensor(tensor_proto: onnx.TensorProto) -> None:
-    if tensor_proto.data_type in _NARROW_FLOATS:
-        array = numpy_helper.to_array(tensor_proto).astype(np.float64)
-        tensor_proto.CopyFrom(numpy_helper.from_array(array, tensor_proto.name))
-
-
-def _widen_type(type_proto: onnx.TypeProto) -> None:
-    if type_proto.HasField("tensor_type") and type_proto.tensor_type.elem_type in _NARROW_FLOATS:
-        type_proto.tensor_type.elem_type = onnx.TensorProto.DOUBLE
-
-
-def _widen_node(node: onnx.NodeProto) -> None:
-    for attribute in node.attribute:
-        if attribute.HasField("t"):
-            _widen_tensor(attribute.t)
-        if attribute.HasField("g"):
-            _widen_graph(attribute.g)
-        for subgraph in attribute.graphs:
-            _widen_graph(subgraph)
-
-
-def _widen_graph(graph: onnx.GraphProto) -> None:
-    for initializer in graph.initializer:
-        _widen_tensor(initializer)
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        _widen_type(value.type)
-    for node in graph.node:
-        _widen_node(node)

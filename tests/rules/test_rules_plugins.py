@@ -127,7 +127,7 @@ def test_folded_model_goes_through_onnxruntime_quantisation_preprocessing(tmp_pa
     folded_model, report = bnfold.fold(original)
     assert len(report.folded) == 2
     folded_path, prepared_path = tmp_path / "folded.onnx", tmp_path / "prepared.onnx"
-    bnfold.io.save_model(folded_model, folded_path)
+    bnfold.files.save_model(folded_model, folded_path)
     quantization.quant_pre_process(str(folded_path), str(prepared_path))
     prepared = onnx.load(str(prepared_path))
     assert "BatchNormalization" not in op_types(prepared)

@@ -41,15 +41,15 @@ def test_writer_failure_leaves_previous_output_and_no_debris(
     run_cli, monkeypatch: pytest.MonkeyPatch, source_and_previous_output: tuple[Path, Path, bytes]
 ) -> None:
     source, output, previous = source_and_previous_output
-    streaming = pytest.importorskip("bnfold.streaming")
-    real_write = streaming.write_model
+    from bnfold.files import serialize
+    real_write = serialize.write_model
 
     def write_half_then_fail(model, path, data=None):
         real_write(model, path, data)
         Path(path).write_bytes(Path(path).read_bytes()[:100])  # a partial file at the staged path
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(streaming, "write_model", write_half_then_fail)
+    monkeypatch.setattr(serialize, "write_model", write_half_then_fail)
     before = snapshot(source.parent)
     result = run_cli("fold", source, "-o", output, "--no-verify")
     assert result.code == 1
@@ -79,13 +79,13 @@ def test_failed_rename_leaves_previous_output_and_no_debris(
 
 def test_failed_write_of_new_output_leaves_nothing(run_cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     source = write_model(tmp_path / "model.onnx", conv_bn_model())
-    streaming = pytest.importorskip("bnfold.streaming")
+    from bnfold.files import serialize
 
     def fail(model, path, data=None):
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(streaming, "write_model", fail)
+    monkeypatch.setattr(serialize, "write_model", fail)
     result = run_cli("fold", source, "-o", tmp_path / "new.onnx", "--no-verify")
     assert result.code == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx"]

@@ -328,7 +328,7 @@ def test_model_proto_api_rejects_hostile_graph() -> None:
 
 def test_string_tensor_with_raw_data_is_refused(tmp_path: Path) -> None:
     from bnfold.errors import InvalidModelError
-    from bnfold.io import load_model
+    from bnfold.files import load_model
 
     model = conv_bn_model()
     model.graph.initializer.append(TensorProto(name="s", data_type=TensorProto.STRING, dims=[1], raw_data=b"ab"))

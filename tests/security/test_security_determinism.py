@@ -9,7 +9,7 @@ import onnx
 import pytest
 from security_support import run_subprocess, with_external_data, write_model
 
-from bnfold import api, io
+from bnfold import api, files
 from fuzz import seeds
 
 
@@ -25,9 +25,9 @@ def test_fold_and_save_twice_gives_identical_bytes(tmp_path: Path, seed_name: st
     source = write_model(tmp_path / "model.onnx", seeds.SEED_BUILDERS[seed_name]())
     outputs = []
     for run in range(2):
-        folded, _report = api.fold(io.load_model(source))
+        folded, _report = api.fold(files.load_model(source))
         output = tmp_path / f"out{run}.onnx"
-        io.save_model(folded, output)
+        files.save_model(folded, output)
         outputs.append(output.read_bytes())
     assert outputs[0] == outputs[1]
 
@@ -40,8 +40,8 @@ def test_external_data_output_is_identical_across_runs(tmp_path: Path) -> None:
     for run in range(2):
         directory = tmp_path / f"run{run}"
         directory.mkdir()
-        folded, _report = api.fold(io.load_model(source))
-        io.save_model(folded, directory / "out.onnx", external_data=True)
+        folded, _report = api.fold(files.load_model(source))
+        files.save_model(folded, directory / "out.onnx", external_data=True)
         names = sorted(path.name for path in directory.iterdir())
         assert names == ["out.onnx", "out.onnx.data"]
         digests.append(_digest(*(directory / name for name in names)))

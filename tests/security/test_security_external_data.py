@@ -18,7 +18,7 @@ from security_support import set_external_entry, snapshot, with_external_data, w
 
 from bnfold.cli import _available_commands
 from bnfold.errors import InvalidModelError
-from bnfold.io import load_model
+from bnfold.files import load_model
 from fuzz import seeds
 
 DATA = "model.onnx.data"
@@ -228,7 +228,7 @@ def test_output_data_file_never_takes_the_inputs_data_name(run_cli, tmp_path: Pa
 
 
 def test_load_model_records_the_files_it_reads(tmp_path: Path) -> None:
-    from bnfold.io import SOURCE_FILES_META
+    from bnfold.files import SOURCE_FILES_META
 
     model, data = _external_model(tmp_path)
     source = _write(tmp_path, model, data)
@@ -238,7 +238,7 @@ def test_load_model_records_the_files_it_reads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["beside", "in_place"])
 def test_saved_external_data_never_replaces_a_file_the_model_reads(tmp_path: Path, in_place: bool) -> None:
-    from bnfold import api, io
+    from bnfold import api, files
 
     data_name = "model.onnx.data" if in_place else "out.onnx.data"
     model, data = _external_model(tmp_path, data_name)
@@ -247,7 +247,7 @@ def test_saved_external_data_never_replaces_a_file_the_model_reads(tmp_path: Pat
     folded, report = api.fold(load_model(source))
     assert len(report.folded) == 1
     with open(tmp_path / data_name, "rb") as original_inode:
-        io.save_model(folded, destination, external_data=True)
+        files.save_model(folded, destination, external_data=True)
         assert original_inode.read() == data
     written = _data_files(destination)
     assert written and data_name not in written

@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from bnfold import api, io
+from bnfold import api, files
 from bnfold.passes import SkipReason, rule_names
 from bnfold.report import FoldStatus
 
@@ -253,8 +253,8 @@ def _bound(case: Case) -> np.ndarray:
 
 
 def _fold_file(source: Path, destination: Path):
-    folded, report = api.fold(io.load_model(source))
-    io.save_model(folded, destination)
+    folded, report = api.fold(files.load_model(source))
+    files.save_model(folded, destination)
     return report
 
 

@@ -397,13 +397,13 @@ def test_external_data_model_recalibrates_in_place_without_writing_into_its_data
 
 def test_failed_save_leaves_no_output_and_no_staging(run_cli, monkeypatch: pytest.MonkeyPatch, workdir: Path) -> None:
     """The model is written last and atomically: a disk failure while writing leaves nothing behind."""
-    streaming = pytest.importorskip("bnfold.streaming")
+    from bnfold.files import serialize
 
     def fail(model, path, data=None):
         Path(path).write_bytes(b"partial")
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(streaming, "write_model", fail)
+    monkeypatch.setattr(serialize, "write_model", fail)
     model = workdir / "model.onnx"
     before = snapshot(workdir)
     result = _recalibrate(run_cli, model, workdir / "good.npz", workdir / "out.onnx")

@@ -38,9 +38,10 @@ CASES = sorted(path for path in REGRESSIONS.iterdir() if (path / "model.onnx").i
 
 @pytest.fixture
 def small_streaming_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
-    streaming = pytest.importorskip("bnfold.streaming")
+    from bnfold.files import load
+
     for name, value in SMALL_STREAMING_THRESHOLDS.items():
-        monkeypatch.setattr(streaming, name, value)
+        monkeypatch.setattr(load, name, value)
 
 
 def test_regression_directory_is_not_empty() -> None:

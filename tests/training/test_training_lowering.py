@@ -12,8 +12,8 @@ from training_builders import bn_inputs, bn_model, relative_error, run
 
 import bnfold
 from bnfold.errors import InvalidModelError, UsageError
-from bnfold.passes.decompose_training import DecomposeTrainingBatchNorm, find_training_batch_norms
 from bnfold.training import evaluate_batch_norm_node, lower_training
+from bnfold.training.decompose import DecomposeTrainingBatchNorm, find_training_batch_norms
 from bnfold.training.function import DOMAIN, MEAN_FUNCTION, TRAINING_FUNCTION
 
 

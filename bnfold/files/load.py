@@ -1,35 +1,38 @@
-"""Graph I/O: load models into onnx_ir (external data stays lazy), check external-data safety, save atomically.
+"""Loading models into ``onnx_ir``: checked before anything looks at them, external data left on disk.
 
-Loading never modifies the input. Saving writes every file to a temporary name in the destination's directory
-and renames it into place, so a reader never sees a half-written model and a crash leaves the previous state.
+:func:`load_model` parses a file (external tensors stay on disk and are memory-mapped when read);
+:func:`open_lazily` also leaves a large self-contained file's weights on disk (a wire-level scan turns each
+large initializer into a reference to its byte range, :mod:`bnfold.files.wire`), so loading costs the graph
+structure, not the weights. Every loader checks the model (:mod:`bnfold.files.checks`) and ends with
+:func:`finish_loading`. Loading never modifies the input.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
 from bnfold.errors import InvalidModelError, UsageError, one_line
-from bnfold.model_checks import check_external_data, check_model_proto
+from bnfold.files.checks import check_external_data, check_model_proto
+from bnfold.files.paths import external_data_name
+from bnfold.files.wire import UnsupportedLayout, scan_self_referencing
 from bnfold.passes.scopes import model_graphs
 
-# Models above this size cannot be serialised as one protobuf (2 GiB limit), so they go to external data.
-PROTOBUF_LIMIT_BYTES = 2 * 1024**3
-# Tensors smaller than this stay inside the .onnx file when external data is written.
-EXTERNAL_DATA_THRESHOLD_BYTES = 1024
 # ``ir.Model.meta`` key set by the loaders: frozenset of the resolved files the model was read from.
 SOURCE_FILES_META = "bnfold.source_files"
+# Main-graph initializers at least this large are read lazily from a self-contained file (:func:`open_lazily`).
+LAZY_TENSOR_BYTES = 64 * 1024
+# Below this file size a self-contained model is parsed whole (the wire scan would not pay off).
+LAZY_FILE_BYTES = 16 * 1024**2
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load the model at ``path``; external tensors stay on disk and are memory-mapped when read.
 
-    The model is checked before anything else looks at it (see :func:`~bnfold.model_checks.check_model_proto` and
+    The model is checked before anything else looks at it (see :func:`~bnfold.files.checks.check_model_proto` and
     :func:`check_external_data`), so a malformed or hostile file ends here with one clear message.
 
     Raises:
@@ -75,6 +78,36 @@ def as_model(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
     if isinstance(model, (str, os.PathLike)):
         return load_model(model)
     raise UsageError(f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+
+
+def open_lazily(path: str | os.PathLike) -> ir.Model:
+    """Load ``path`` so that no large tensor is read before it is used (see the module docstring).
+
+    External data is validated like :func:`bnfold.load_model` does. Small files, hard-linked files (which
+    ``onnx_ir`` refuses to memory-map) and unusual protobuf layouts are loaded with :func:`bnfold.load_model`.
+
+    Raises:
+        InvalidModelError: as :func:`bnfold.load_model`.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return load_model(path)
+    if not path.is_file() or stat.st_size < LAZY_FILE_BYTES or stat.st_nlink > 1:
+        return load_model(path)
+    try:
+        proto = scan_self_referencing(path, LAZY_TENSOR_BYTES)
+    except UnsupportedLayout:
+        return load_model(path)
+    check_model_proto(proto, source=path)
+    check_external_data(proto, path.parent, source=path)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as error:
+        raise InvalidModelError(f"{path}: invalid ONNX model ({error})") from error
+    finish_loading(model, path.parent, source=path)
+    return model
 
 
 def finish_loading(model: ir.Model, base_dir: Path | None, *, source: object) -> None:
@@ -188,184 +221,6 @@ def estimated_size_bytes(model: ir.Model) -> int:
     )
 
 
-def external_data_name(path: str | os.PathLike) -> str:
-    """The external data file name bnfold writes beside ``path``: ``<file name>.data``."""
-    return Path(path).name + ".data"
-
-
-def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
-    """Write ``model`` to ``path`` atomically (see :func:`stage_model`)."""
-    with stage_model(model, path, external_data=external_data) as staged:
-        staged.commit()
-
-
-def stage_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> StagedModel:
-    """Write ``model`` under a temporary directory beside ``path``; :meth:`StagedModel.commit` moves it in.
-
-    ``external_data=None`` chooses: external data when the model already had external tensors or its
-    tensors exceed the 2 GiB protobuf limit (file names: :func:`create_staging`). Tensors already on disk are
-    copied byte for byte, never decoded; a self-contained model is streamed, never built as one protobuf
-    (:mod:`bnfold.streaming`). The staged files can be used (verified, for instance) before they replace
-    anything at ``path``. ``model`` is unchanged.
-    """
-    from bnfold.streaming import DataFile, write_model
-
-    staged = create_staging(model, path, external_data=external_data)
-    try:
-        if staged.data_name is None:
-            write_model(model, staged.path)
-        else:
-            data = DataFile(staged.data_path)
-            try:
-                write_model(model, staged.path, data)
-            finally:
-                data.close()
-    except BaseException:
-        staged.discard()
-        raise
-    return staged
-
-
-def create_staging(
-    model: ir.Model,
-    path: str | os.PathLike,
-    *,
-    external_data: bool | None = None,
-    read_files: set[Path] | None = None,
-) -> StagedModel:
-    """An empty temporary directory beside ``path`` and the names ``model`` is to be written under there.
-
-    The data file is ``<file name>.data``, or ``<file name>.<n>.data`` with the smallest ``n >= 1`` when that
-    name is a file ``model`` still reads external data from (folding in place alternates between the two), so
-    the output never replaces a data file the input reads. ``read_files``: those files (resolved paths), when
-    the caller knows them (default: :func:`external_files`).
-    """
-    path = Path(path)
-    if external_data is None:
-        external_data = has_external_data(model) or estimated_size_bytes(model) >= PROTOBUF_LIMIT_BYTES
-    directory = path.parent
-    if not directory.is_dir():
-        raise UsageError(f"{path}: output directory {directory} does not exist")
-    read = external_files(model) if read_files is None else read_files
-    data_name = superseded = None
-    if external_data:
-        data_name = _data_name_not_in(path, read)
-        superseded = tuple(
-            file for file in read if file.parent == path.parent.resolve() and _is_data_name_for(path, file.name)
-        )
-    staging = tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=directory)
-    return StagedModel(staging, path, data_name, superseded=superseded or ())
-
-
-def external_files(model: ir.Model) -> set[Path]:
-    """Files ``model`` reads external data from, plus every file it was loaded from (even when folding dropped
-    the last tensor that read one, an in-place save must not write into it before the model is renamed)."""
-    loaded_from = {Path(file) for file in model.meta.get(SOURCE_FILES_META, ())}
-    paths = {
-        value.const_value.path
-        for graph in model_graphs(model)
-        for value in graph.initializers.values()
-        if isinstance(value.const_value, ir.ExternalTensor)
-    }
-    return loaded_from | {Path(os.path.realpath(path)) for path in paths}
-
-
-def _is_data_name_for(path: Path, name: str) -> bool:
-    if name == external_data_name(path):
-        return True
-    prefix, suffix = path.name + ".", ".data"
-    middle = name[len(prefix) : -len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else ""
-    return middle.isdigit()
-
-
-def _data_name_not_in(path: Path, taken: set[Path]) -> str:
-    directory = path.parent.resolve()
-    candidates = [external_data_name(path)] + [f"{path.name}.{n}.data" for n in range(1, len(taken) + 2)]
-    return next(name for name in candidates if Path(os.path.realpath(directory / name)) not in taken)
-
-
-class StagedModel:
-    """A model written under a temporary directory, not yet visible at its destination.
-
-    Use as a context manager: leaving the block without :meth:`commit` removes the staged files.
-    ``superseded_data`` lists the data files, named for this destination, that the written model's source
-    read and the new model no longer does (after an in-place fold: the previous data file).
-    """
-
-    def __init__(
-        self,
-        staging: tempfile.TemporaryDirectory,
-        destination: Path,
-        data_name: str | None,
-        *,
-        superseded: tuple[Path, ...] = (),
-    ) -> None:
-        self._staging = staging
-        self.destination = destination
-        self.data_name = data_name
-        self.path = Path(staging.name) / destination.name
-        self.superseded_data = tuple(file for file in superseded if file.name != data_name)
-
-    @property
-    def data_path(self) -> Path | None:
-        """The staged data file (``None`` for a self-contained model)."""
-        return self.path.parent / self.data_name if self.data_name is not None else None
-
-    def size_bytes(self) -> int:
-        """Bytes of the staged model and data file (before :meth:`commit`)."""
-        data = self.data_path
-        return self.path.stat().st_size + (data.stat().st_size if data is not None and data.is_file() else 0)
-
-    def commit(self) -> None:
-        """Rename the data file (if any), then the model into place; the model goes last.
-
-        When the destination (or the data file name) already exists, the new files are fsynced first, so a
-        crash cannot replace existing files by partly written ones. A new destination is renamed without
-        fsync, like ``cp`` writes: the input stays intact whatever happens.
-        """
-        directory = self.destination.parent
-        replacing = self.destination.exists() or (self.data_name is not None and (directory / self.data_name).exists())
-        if self.data_name is not None:
-            if replacing:
-                _fsync(self.data_path)
-            os.replace(self.data_path, directory / self.data_name)
-        if replacing:
-            _fsync(self.path)
-        os.replace(self.path, self.destination)
-        if replacing:
-            _fsync_directory(directory)
-        self.discard()
-
-    def remove_superseded_data(self) -> tuple[Path, ...]:
-        """After an in-place :meth:`commit`, delete :attr:`superseded_data`; return what was removed."""
-        removed = []
-        for file in self.superseded_data:
-            with contextlib.suppress(FileNotFoundError):
-                file.unlink()
-                removed.append(file)
-        return tuple(removed)
-
-    def discard(self) -> None:
-        self._staging.cleanup()
-
-    def __enter__(self) -> StagedModel:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.discard()
-
-
-def is_same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
-    """Whether two paths name the same file: any spelling, symlink or hard link."""
-    first, second = Path(first), Path(second)
-    if first.resolve() == second.resolve():
-        return True
-    try:
-        return os.path.samefile(first, second)
-    except OSError:  # one of them does not exist
-        return False
-
-
 def files_size_bytes(
     path: str | os.PathLike, model: ir.Model | None = None, *, read_files: set[Path] | None = None
 ) -> int:
@@ -386,15 +241,14 @@ def files_size_bytes(
     return total + sum(file.stat().st_size for file in files if file.is_file())
 
 
-def _fsync(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError), open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+def external_files(model: ir.Model) -> set[Path]:
+    """Files ``model`` reads external data from, plus every file it was loaded from (even when folding dropped
+    the last tensor that read one, an in-place save must not write into it before the model is renamed)."""
+    loaded_from = {Path(file) for file in model.meta.get(SOURCE_FILES_META, ())}
+    paths = {
+        value.const_value.path
+        for graph in model_graphs(model)
+        for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    return loaded_from | {Path(os.path.realpath(path)) for path in paths}

@@ -1,0 +1,227 @@
+"""The fp16 precision guard: estimate, in the weights' dtype, the accuracy a fold costs before committing it.
+
+Why a fold can cost accuracy
+----------------------------
+The fold is exact in float64, but the folded tensors are stored in the weights' dtype (unit roundoff ``u``:
+2⁻¹¹ for fp16, 2⁻⁸ for bf16, 2⁻²⁴ for fp32). For a backward fold ``producer → BN`` channel ``c`` of the folded
+layer computes::
+
+    z'[c] = Σ_i W'[c, i]·x_i + b'[c]        W' = W·s,  b' = s·(b − m) + β,  s = γ/√(v + ε)
+
+where ``m``, ``v`` are BN's running mean and variance (the statistics of the BN input ``y = Σ W x + b`` on the
+data they were measured on) and ``b`` is the producer's bias (plus an absorbed ``Add``). The original computes
+``y`` at full accumulator precision (onnxruntime's CPU kernels widen fp16 to fp32; so do tensor cores) and
+rounds once, near the BN output ``z = s·(y − m) + β``. Its error on channel ``c`` is therefore at best about::
+
+    e_orig[c] ≈ u · z_rms[c],          z_rms = √(s²·v + β²)     (the RMS of z over that data)
+
+The folded layer instead stores ``W'`` and ``b'`` rounded (relative error ``u`` each) and rebuilds ``z`` from
+them, so its error is about::
+
+    e_fold[c] ≈ u · (|b'[c]| + |s[c]|·‖W[c]‖₂·X + z_rms[c])
+
+- ``u·|b'|``: the rounding of the folded shift. When the BN input's mean is large against its spread
+  (``|m − b| ≫ √v``, e.g. a running variance near zero with a realistic mean), ``b'`` is a large number that
+  the sum ``Σ W'x`` must cancel to leave a small ``z``; the rounding of the large number stays in ``z``.
+- ``u·|s|·‖W[c]‖₂·X``: the rounding of every folded weight (independent errors ``≤ u·|W'|``, whose sum over
+  the inputs has an RMS of about ``u·‖W'[c] ⊙ x‖₂``). It is large when ``Σ W x`` cancels (zero-sum filters on a
+  flat input) and ``s`` is large: the original cancels at full precision *before* the BN amplifies the
+  small result, the fold amplifies every term and then cancels.
+- ``X`` is the RMS of the layer's input, which the fold does not see; every channel of a layer reads the same
+  input, and ``E[(Σ W[c]·x)²] = (m − b)² + v ≈ ‖W[c]‖₂²·X²`` for weights unrelated to the input's structure,
+  so ``X`` is estimated as the median over the layer's channels of ``√((m − b)² + v) / ‖W[c]‖₂`` (the median
+  ignores the few cancelling channels that the guard looks for). ``m − b = (β − b')/s`` comes from the plan.
+
+The **precision cost** of a fold is the largest ratio over the BN's channels::
+
+    cost = max_c e_fold[c] / e_orig[c] = max_c 1 + (|b'[c]| + |s[c]|·‖W[c]‖₂·X) / z_rms[c]
+
+``u`` cancels: the cost says how many times larger the folded channel's rounding error is than the
+original's. It is about 2–4 on realistic BNs (``|m|`` within a few ``√v``) and grows as ``|m|/√v`` and as
+the cancellation in ``Σ W x``. Constant factors of order one (half-ulp rounding, RMS vs. worst case) are
+left out: the bound below is an order of magnitude away from realistic values. A backend that also rounds
+``y`` to the dtype before the BN (fp16 Conv then fp16 BN, unfused) makes the original worse and the real
+ratio smaller: the estimate errs towards guarding.
+
+The bound
+---------
+A fold is skipped (``FOLD_LOSES_PRECISION``) when ``cost > bound(dtype) = max(16, 1e-4 / u)``: the fold
+would multiply the BN's rounding error by more than 16, *and* that error (at least ``cost·u`` relative)
+would be visible — above ``1e-4``, float32's verification tolerance. In fp16 and bf16 the first condition
+decides; float32 needs a cost above ~1,700 and float64 never reaches it, so wide models practically always
+fold. ``FoldBatchNormPass(precision_guard=False)`` (CLI ``--allow-precision-loss``) folds anyway.
+
+Scope and cost
+--------------
+Estimated for backward folds whose weight update scales ``W`` per channel (``TensorUpdate.row_scale``:
+Conv, Gemm, MatMul); other plans (ConvTranspose, forward folds) get no estimate (``None``) and are not
+guarded. The weight norms are sums of squares of the original (un-multiplied) weight; a weight of more than
+``NORM_SAMPLE_ELEMENTS`` elements is sampled at a stride along a reduced axis (the norm is rescaled), so the
+estimate never materialises a large planned weight and costs a bounded amount per BN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from bnfold.passes.batch_norm import DEFAULT_EPSILON
+from bnfold.passes.constants import ConstantResolver
+from bnfold.passes.rule import FoldPlan, TensorUpdate
+
+#: A fold may multiply a BN's rounding error by at most this much (see the module docstring).
+PRECISION_COST_BOUND = 16.0
+#: Below this relative error (float32's verification tolerance) a fold's rounding is not worth guarding.
+VISIBLE_ERROR = 1e-4
+#: Weights with more elements are sampled when their per-channel norms are estimated.
+NORM_SAMPLE_ELEMENTS = 1 << 18
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormInput:
+    """What the BN's parameters say about its input and output, per channel (float64 arrays ``[C]``).
+
+    ``mean``, ``var``: the running statistics of the BN input; ``scale``: ``s = γ/√(var + ε)``; ``beta``: β.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    scale: np.ndarray
+    beta: np.ndarray
+
+    @classmethod
+    def from_parameters(
+        cls, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float
+    ) -> BatchNormInput:
+        gamma64, beta64, mean64, var64 = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            scale = gamma64 / np.sqrt(var64 + np.float64(epsilon))
+        return cls(mean=mean64, var=np.maximum(var64, 0.0), scale=scale, beta=beta64)
+
+    @classmethod
+    def of_node(cls, node: ir.Node, constants: ConstantResolver) -> BatchNormInput:
+        """Read from an inference-mode BN whose parameters are known to be constant 1-D ``[C]``."""
+        gamma, beta, mean, var = (constants.array(value) for value in node.inputs[1:5])
+        attribute = node.attributes.get("epsilon")
+        epsilon = float(np.float32(DEFAULT_EPSILON)) if attribute is None else attribute.as_float()
+        return cls.from_parameters(gamma, beta, mean, var, epsilon)
+
+    def channels(self, start: int, stop: int) -> BatchNormInput:
+        return BatchNormInput(*(array[start:stop] for array in (self.mean, self.var, self.scale, self.beta)))
+
+    @property
+    def output_rms(self) -> np.ndarray:
+        """``z_rms = √(s²·v + β²)``: the RMS of the BN output over the data its statistics describe."""
+        return np.sqrt(self.scale**2 * self.var + self.beta**2)
+
+
+def unit_roundoff(dtype: ir.DataType) -> float:
+    """Half the distance from 1 to the next value of float ``dtype`` (fp16: 2⁻¹¹)."""
+    return float(ml_dtypes.finfo(dtype.numpy()).eps) / 2
+
+
+def precision_bound(dtype: ir.DataType) -> float:
+    """The largest precision cost a fold into ``dtype`` may have: ``max(16, 1e-4 / u)``."""
+    return max(PRECISION_COST_BOUND, VISIBLE_ERROR / unit_roundoff(dtype))
+
+
+def channel_costs(statistics: BatchNormInput, weight_norms: np.ndarray, folded_shift: np.ndarray) -> np.ndarray:
+    """The per-channel ratio ``e_fold / e_orig`` of the module docstring (float64 ``[C]``).
+
+    ``weight_norms``: ``‖W[c]‖₂`` of the original weight; ``folded_shift``: ``|b'[c]|`` (largest over any
+    broadcast axes of the folded bias).
+    """
+    scale = statistics.scale
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        weight_mean = np.where(scale != 0, (statistics.beta - folded_shift) / scale, statistics.mean)
+        input_rms = _median_ratio(np.sqrt(weight_mean**2 + statistics.var), weight_norms)
+        weight_term = np.abs(scale) * weight_norms * input_rms
+        rounding = np.abs(folded_shift) + weight_term
+        output = statistics.output_rms
+        cost = 1.0 + np.where(rounding > 0, rounding / np.maximum(output, np.finfo(np.float64).tiny), 0.0)
+    return np.where(np.isfinite(cost), cost, np.inf)
+
+
+def _median_ratio(numerators: np.ndarray, denominators: np.ndarray) -> float:
+    """The median of ``numerators / denominators`` over the channels with a non-zero, finite ratio (0 if none)."""
+    usable = (denominators > 0) & np.isfinite(numerators) & np.isfinite(denominators)
+    if not usable.any():
+        return 0.0
+    return float(np.median(numerators[usable] / denominators[usable]))
+
+
+def fold_precision_cost(statistics: BatchNormInput, plans: Sequence[FoldPlan]) -> tuple[float, ir.DataType] | None:
+    """The precision cost of a backward fold (largest channel ratio) and the dtype it is stored in; ``None``
+    when a plan has no per-channel scaled weight (see *Scope* in the module docstring).
+
+    ``plans``: one plan, or one per consecutive range of the BN's channels (a split Concat), in channel order.
+    """
+    channels, offset, costs, dtype = statistics.scale.shape[0], 0, [], None
+    for plan in plans:
+        weights = [update for update in plan.updates if update.row_scale is not None]
+        if len(weights) != 1:
+            return None
+        weight = weights[0]
+        norms = channel_norms(weight.values, weight.row_scale)
+        if norms is None or offset + norms.shape[0] > channels:
+            return None
+        shift = _folded_shift(plan, weight, norms.shape[0])
+        if shift is None:
+            return None
+        part = statistics.channels(offset, offset + norms.shape[0])
+        costs.append(channel_costs(part, norms, shift))
+        offset, dtype = offset + norms.shape[0], weight.dtype
+    if offset != channels or dtype is None or not channels:
+        return None
+    return float(max(cost.max() for cost in costs)), dtype
+
+
+def _folded_shift(plan: FoldPlan, weight: TensorUpdate, channels: int) -> np.ndarray | None:
+    """``|b'|`` per channel: the residual shift, or the other planned update (a bias of shape ``[..., C]``)."""
+    if plan.residual_shift is not None:
+        shifts = [np.asarray(plan.residual_shift, dtype=np.float64)]
+    else:
+        shifts = [np.asarray(u.values, dtype=np.float64) for u in plan.updates if u is not weight]
+    if len(shifts) != 1:
+        return None
+    shift = np.abs(shifts[0])
+    if shift.ndim == 0 or shift.shape[-1] not in (1, channels):
+        return None
+    shift = shift.reshape(-1, shift.shape[-1]).max(axis=0)
+    return np.broadcast_to(shift, (channels,))
+
+
+def channel_norms(values: np.ndarray, row_scale: np.ndarray) -> np.ndarray | None:
+    """``‖W[c]‖₂`` per channel, the channel axis being the one along which ``row_scale`` varies.
+
+    Bounded cost: beyond ``NORM_SAMPLE_ELEMENTS`` elements, every k-th entry of the longest reduced axis is
+    used and the sum of squares rescaled (never a float64 copy of the whole weight).
+    """
+    if row_scale.ndim > values.ndim:
+        return None
+    scale_shape = (1,) * (values.ndim - row_scale.ndim) + row_scale.shape
+    channel_axes = [axis for axis in range(values.ndim) if scale_shape[axis] != 1]
+    if len(channel_axes) > 1:
+        return None
+    if not channel_axes:  # one channel
+        return np.sqrt(np.array([_sum_of_squares(values, tuple(range(values.ndim)))]))
+    channel_axis = channel_axes[0]
+    reduced = tuple(axis for axis in range(values.ndim) if axis != channel_axis)
+    return np.sqrt(_sum_of_squares(values, reduced)).reshape(-1)
+
+
+def _sum_of_squares(values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray | float:
+    if values.size > NORM_SAMPLE_ELEMENTS and axes:
+        axis = max(axes, key=lambda a: values.shape[a])
+        stride = math.ceil(values.size / NORM_SAMPLE_ELEMENTS)
+        index = [slice(None)] * values.ndim
+        index[axis] = slice(None, None, stride)
+        sample = values[tuple(index)]
+        factor = values.shape[axis] / sample.shape[axis]
+        return np.square(sample.astype(np.float64)).sum(axis=axes) * factor
+    return np.square(values.astype(np.float64)).sum(axis=axes)
