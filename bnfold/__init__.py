@@ -45,3 +45,8 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    """The lazy public names too (``fold``, ``verify``, ``recalibrate``...), so ``dir(bnfold)`` shows the API."""
+    return sorted({*globals(), *_LAZY})

@@ -7,19 +7,17 @@ functions work on a model object and return it, for callers that save it themsel
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
-import onnx
 import onnx_ir as ir
 
-from bnfold.files.load import as_model
+from bnfold.files.load import ModelInput, as_model
 from bnfold.gc_pause import gc_paused
 from bnfold.passes import FoldBatchNormPass
 from bnfold.report import FoldReport
 from bnfold.workflow import FoldOptions
 
-ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
+ModelLike = ModelInput  # (the name this module used before bnfold.files.load.ModelInput)
 
 
 def make_fold_pass(

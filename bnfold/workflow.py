@@ -131,7 +131,7 @@ def stage_fold(
         size_before = files_size_bytes(source, read_files=read)
         for file in read - {itself}:  # (replacing the model file itself is an in-place fold)
             if is_same_file(destination, file):
-                raise UsageError(f"{destination}: the output would overwrite {file}, which the model is read from")
+                raise UsageError(f"{destination}: the output would overwrite a file the model is read from: {file}")
         if external_data is None:
             external_data = bool(read - {itself})  # external data in other files (not a lazily read .onnx)
         staged = create_staging(model, destination, external_data=external_data, read_files=read)
@@ -297,12 +297,16 @@ def fold_plan(
     destination: str | os.PathLike,
     verify: VerifyOptions | None = None,
     keep_failed: str | os.PathLike | None = None,
+    *,
+    in_place: bool | None = None,
 ) -> OutputPlan:
-    """The output plan of one :func:`fold_file` run: the model and ``--load-inputs`` read; the output (replacing
-    the input when it is the same file), ``--save-inputs`` and the ``--keep-failed`` model written."""
-    in_place = is_same_file(source, destination)
+    """The output plan of one :func:`fold_file` run: the model and ``--load-inputs`` read; the output,
+    ``--save-inputs`` and the ``--keep-failed`` model written. ``in_place``: the output may replace the input
+    (default: when it is the same file; the CLI asks for ``--in-place``)."""
+    if in_place is None:
+        in_place = is_same_file(source, destination)
     plan = OutputPlan().read(source, "the input")
-    plan.write(destination, MODEL_OUTPUT, replaces=source if in_place else None)
+    plan.write(destination, MODEL_OUTPUT, replaces=source if in_place else None, hint=" (use --in-place to mean it)")
     plan.write(keep_failed, "--keep-failed")
     if verify is not None:
         plan.read(verify.load_inputs, "the --load-inputs file")

@@ -14,10 +14,18 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Affine:
-    """Per-channel ``Y = X * scale + shift`` (float64 arrays of shape ``[C]``)."""
+    """Per-channel ``Y = X * scale + shift`` (float64 arrays of shape ``[C]``).
+
+    ``mean``, ``var`` and ``beta`` are the BN's own running statistics and β (float64), kept when the affine was
+    built from a BN (:meth:`from_batch_norm`) for what needs more than the map itself (the precision estimate,
+    :mod:`~bnfold.passes.precision`); an affine derived from another (a slice, an absorbed constant) has none.
+    """
 
     scale: np.ndarray
     shift: np.ndarray
+    mean: np.ndarray | None = None
+    var: np.ndarray | None = None
+    beta: np.ndarray | None = None
 
     @property
     def channels(self) -> int:
@@ -41,7 +49,7 @@ class Affine:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # (non-finite: the caller skips)
             scale = gamma64 / np.sqrt(var64 + np.float64(epsilon))
             shift = beta64 - mean64 * scale
-        return cls(scale=scale, shift=shift)
+        return cls(scale=scale, shift=shift, mean=mean64, var=var64, beta=beta64)
 
     def is_finite(self) -> bool:
         return bool(np.isfinite(self.scale).all() and np.isfinite(self.shift).all())

@@ -159,8 +159,9 @@ def constant_node_array(node: ir.Node, source: ValueSource | None = None) -> np.
     attributes = node.attributes
     if any(attribute.is_ref() for attribute in attributes.values()):
         return None
-    if "value" in attributes:
-        return attributes["value"].as_tensor().numpy()
+    if "value" in attributes:  # (``.value``, not ``as_tensor()``: its protocol check costs ~30× more)
+        value = attributes["value"]
+        return value.value.numpy() if value.type == ir.AttributeType.TENSOR else None
     if "value_float" in attributes:
         return np.array(attributes["value_float"].as_float(), dtype=np.float32)
     if "value_floats" in attributes:
@@ -300,7 +301,7 @@ def _constant_of_shape(node: ir.Node, source: ValueSource) -> np.ndarray | None:
     fill = node.attributes.get("value")
     if fill is not None and fill.type != ir.AttributeType.TENSOR:
         return None
-    fill_array = fill.as_tensor().numpy().reshape(-1) if fill is not None else np.zeros(1, np.float32)
+    fill_array = fill.value.numpy().reshape(-1) if fill is not None else np.zeros(1, np.float32)
     if fill_array.size != 1 or not source.budget.take(math.prod(shape)):
         return None
     return np.full(shape, fill_array[0], dtype=fill_array.dtype)

@@ -218,7 +218,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         except Skip as skip:
             return new_record(node, scope, index, reason=skip.reason, detail=skip.detail, affine=affine)
         attempt = self._attempt_backward(node, affine)
-        self._guard_precision(node, attempt)
+        self._guard_precision(node, attempt, affine)
         if attempt.skip is not None:
             forward = self._attempt_forward(node, affine, scope.opset)
             if forward.skip is None or (not attempt.matched and forward.neighbour is not None):
@@ -443,13 +443,14 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             node.domain in ("", "ai.onnx") and node.op_type in self.all_forward
         )
 
-    def _guard_precision(self, node: ir.Node, attempt: _Attempt) -> None:
+    def _guard_precision(self, node: ir.Node, attempt: _Attempt, affine: Affine) -> None:
         """Estimate what a planned backward fold costs in the weights' dtype (:mod:`~bnfold.passes.precision`);
         beyond the bound, turn the plan into a ``FOLD_LOSES_PRECISION`` skip (the graph is still unchanged)."""
         if attempt.skip is not None or attempt.forward:
             return
         plans = [part.plan for part in attempt.parts or (attempt,)]
-        estimate = fold_precision_cost(BatchNormInput.of_node(node, self._constants), plans)
+        statistics = BatchNormInput.of_affine(affine) or BatchNormInput.of_node(node, self._constants)
+        estimate = fold_precision_cost(statistics, plans)
         if estimate is None:
             return
         attempt.precision_cost, dtype = estimate

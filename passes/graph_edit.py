@@ -81,7 +81,7 @@ class TensorWriter:
     def write(self, update: TensorUpdate, data: np.ndarray) -> None:
         node, index = update.node, update.input_index
         old = node.inputs[index] if index < len(node.inputs) else None
-        if old is not None and self._solely_read_here(old, node, index):
+        if old is not None and self._solely_read_here(old, node, index, data, update.dtype):
             old.const_value = ir.Tensor(data, dtype=update.dtype, name=old.name)  # (ir.tensor checks cost ~7× more)
             old.shape = ir.Shape(data.shape)
             return
@@ -125,12 +125,23 @@ class TensorWriter:
             graph.inputs.append(value)
         return value
 
-    def _solely_read_here(self, value: ir.Value, node: ir.Node, index: int) -> bool:
+    def _solely_read_here(
+        self, value: ir.Value, node: ir.Node, index: int, data: np.ndarray, dtype: ir.DataType
+    ) -> bool:
+        """``value`` is an initializer of ``node``'s graph whose only *data* reader is input ``index`` of ``node``.
+
+        ``Shape``/``Size`` nodes read only the shape, so they do not count when the new tensor keeps the old
+        shape and dtype (torch's raw dynamo export reads ``Shape(W)`` to build a Conv's zero bias): the folded
+        weight then keeps its name.
+        """
         if not value.is_initializer() or value.is_graph_output() or value.graph is not node.graph:
             return False
         if value.is_graph_input() and not self._legacy_initializer_inputs:
             return False
-        return [(use.node, use.idx) for use in value.uses()] == [(node, index)]
+        old = value.const_value
+        same_layout = old is not None and tuple(old.shape) == data.shape and old.dtype == dtype
+        readers = [(use.node, use.idx) for use in value.uses() if not (same_layout and _reads_shape_only(use.node))]
+        return readers == [(node, index)]
 
     @staticmethod
     def _constant_node_solely_read_here(value: ir.Value, node: ir.Node, index: int) -> bool:
@@ -176,6 +187,10 @@ class TensorWriter:
                 inputs = list(producer.inputs)
                 producer.graph.remove(producer, safe=True)
                 pending.extend(inputs)
+
+
+def _reads_shape_only(node: ir.Node) -> bool:
+    return node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx")
 
 
 def bypass(node: ir.Node, kept: ir.Value) -> None:

@@ -34,7 +34,10 @@ them, so its error is about::
 
 The **precision cost** of a fold is the largest ratio over the BN's channels::
 
-    cost = max_c e_fold[c] / e_orig[c] = max_c 1 + (|b'[c]| + |s[c]|·‖W[c]‖₂·X) / z_rms[c]
+    cost = max_c e_fold[c] / e_orig[c] = max_c 1 + (|b'[c]| + |s[c]|·‖W[c]‖₂·X) / max(z_rms[c], median z_rms)
+
+(the floor: a channel whose output is constant on the calibration data, ``z_rms[c] = 0``, is judged against the
+layer's typical output instead of against 0).
 
 ``u`` cancels: the cost says how many times larger the folded channel's rounding error is than the
 original's. It is about 2–4 on realistic BNs (``|m|`` within a few ``√v``) and grows as ``|m|/√v`` and as
@@ -70,6 +73,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from bnfold.passes.affine import Affine
 from bnfold.passes.batch_norm import DEFAULT_EPSILON
 from bnfold.passes.constants import ConstantResolver
 from bnfold.passes.rule import FoldPlan, TensorUpdate
@@ -104,6 +108,13 @@ class BatchNormInput:
         return cls(mean=mean64, var=np.maximum(var64, 0.0), scale=scale, beta=beta64)
 
     @classmethod
+    def of_affine(cls, affine: Affine) -> BatchNormInput | None:
+        """From the BN's own affine (which keeps its statistics); ``None`` for a derived affine."""
+        if affine.mean is None or affine.var is None or affine.beta is None:
+            return None
+        return cls(mean=affine.mean, var=np.maximum(affine.var, 0.0), scale=affine.scale, beta=affine.beta)
+
+    @classmethod
     def of_node(cls, node: ir.Node, constants: ConstantResolver) -> BatchNormInput:
         """Read from an inference-mode BN whose parameters are known to be constant 1-D ``[C]``."""
         gamma, beta, mean, var = (constants.array(value) for value in node.inputs[1:5])
@@ -130,8 +141,9 @@ def precision_bound(dtype: ir.DataType) -> float:
     return max(PRECISION_COST_BOUND, VISIBLE_ERROR / unit_roundoff(dtype))
 
 
-def channel_costs(statistics: BatchNormInput, weight_norms: np.ndarray, folded_shift: np.ndarray) -> np.ndarray:
-    """The per-channel ratio ``e_fold / e_orig`` of the module docstring (float64 ``[C]``).
+def channel_costs(statistics: BatchNormInput, weight_norms: np.ndarray, folded_shift: np.ndarray) -> np.ndarray | None:
+    """The per-channel ratio ``e_fold / e_orig`` of the module docstring (float64 ``[C]``); ``None`` when the
+    statistics give the layer no output scale (see :func:`_floored`).
 
     ``weight_norms``: ``‖W[c]‖₂`` of the original weight; ``folded_shift``: ``|b'[c]|`` (largest over any
     broadcast axes of the folded bias).
@@ -142,9 +154,37 @@ def channel_costs(statistics: BatchNormInput, weight_norms: np.ndarray, folded_s
         input_rms = _median_ratio(np.sqrt(weight_mean**2 + statistics.var), weight_norms)
         weight_term = np.abs(scale) * weight_norms * input_rms
         rounding = np.abs(folded_shift) + weight_term
-        output = statistics.output_rms
-        cost = 1.0 + np.where(rounding > 0, rounding / np.maximum(output, np.finfo(np.float64).tiny), 0.0)
+        output = _floored(statistics.output_rms)
+        if output is None:
+            return None
+        cost = 1.0 + np.where(rounding > 0, rounding / output, 0.0)
     return np.where(np.isfinite(cost), cost, np.inf)
+
+
+def _floored(output_rms: np.ndarray) -> np.ndarray | None:
+    """``z_rms`` per channel, at least the layer's median ``z_rms``; ``None`` when that median is 0.
+
+    A channel whose output is constant on the calibration data (``v = 0`` and ``β = 0``, or ``s = 0``) has
+    ``z_rms = 0``: any rounding is infinitely worse *relative to that channel*, although what matters downstream is
+    the error against the size of the layer's outputs. The median keeps the few degenerate channels from making
+    every fold of such a layer look infinitely costly, while a cancelling channel is still judged against what
+    the layer's other channels output.
+
+    With a median of 0 the statistics describe a layer that outputs constants (e.g. all ``β = 0`` and ``v = 0``):
+    there is no output scale to judge rounding against, so no estimate is made (the guard stays out).
+    """
+    finite = output_rms[np.isfinite(output_rms)]
+    typical = _median(finite) if finite.size else 0.0
+    if not typical > 0:
+        return None
+    return np.maximum(output_rms, typical)
+
+
+def _median(values: np.ndarray) -> float:
+    """The median of a non-empty 1-D array (``np.median`` costs ~20x more on the few channels of a BN)."""
+    ordered = np.sort(values)
+    middle = ordered.shape[0] // 2
+    return float(ordered[middle] if ordered.shape[0] % 2 else (ordered[middle - 1] + ordered[middle]) / 2)
 
 
 def _median_ratio(numerators: np.ndarray, denominators: np.ndarray) -> float:
@@ -152,7 +192,7 @@ def _median_ratio(numerators: np.ndarray, denominators: np.ndarray) -> float:
     usable = (denominators > 0) & np.isfinite(numerators) & np.isfinite(denominators)
     if not usable.any():
         return 0.0
-    return float(np.median(numerators[usable] / denominators[usable]))
+    return _median(numerators[usable] / denominators[usable])
 
 
 def fold_precision_cost(statistics: BatchNormInput, plans: Sequence[FoldPlan]) -> tuple[float, ir.DataType] | None:
@@ -174,7 +214,10 @@ def fold_precision_cost(statistics: BatchNormInput, plans: Sequence[FoldPlan]) -
         if shift is None:
             return None
         part = statistics.channels(offset, offset + norms.shape[0])
-        costs.append(channel_costs(part, norms, shift))
+        cost = channel_costs(part, norms, shift)
+        if cost is None:
+            return None
+        costs.append(cost)
         offset, dtype = offset + norms.shape[0], weight.dtype
     if offset != channels or dtype is None or not channels:
         return None

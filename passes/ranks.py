@@ -17,6 +17,7 @@ import onnx_ir as ir
 class RankResolver:
     def __init__(self, model: ir.Model) -> None:
         self._model = model
+        self._graphs: frozenset[ir.Graph] | None = None
         self._inferred: dict[str, _Facts] | None = None
 
     def rank(self, value: ir.Value | None) -> int | None:
@@ -45,7 +46,11 @@ class RankResolver:
         return self._lookup(value)[2]
 
     def _lookup(self, value: ir.Value) -> _Facts:
-        if not value.name or value.graph is None or value.graph not in set(self._model.graphs()):
+        if not value.name or value.graph is None:
+            return (None, None, None)
+        if self._graphs is None:  # once: walking the model per lookup is quadratic on large graphs
+            self._graphs = frozenset(self._model.graphs())
+        if value.graph not in self._graphs:
             return (None, None, None)
         if self._inferred is None:
             self._inferred = _infer(self._model)

@@ -60,6 +60,7 @@ from bnfold.passes.reasons import Skip, SkipReason
 from bnfold.passes.rule import FoldPlan, TensorUpdate, channel_count_matches, constant_input, weight_dtype
 
 RESHAPE_OPS = frozenset({"Reshape", "Flatten"})
+_MAX_RANK = 64  # a longer Reshape target is not read (no tensor has that many axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +203,7 @@ def _candidate_outputs(reshape: ir.Node, before: list[Dim], constants: ConstantR
         candidates.append([_merged(before[:axis]), _merged(before[axis:])])
     else:
         target = constants.array(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
-        if target is not None and target.ndim == 1 and target.dtype.kind in "iu":
+        if target is not None and target.ndim == 1 and target.dtype.kind in "iu" and target.size <= _MAX_RANK:
             allowzero = _int_attribute(reshape, "allowzero", 0)
             resolved = _resolve_target([int(v) for v in target], before, allowzero, f"{reshape.outputs[0].name}[-1]")
             if resolved is not None:

@@ -19,18 +19,21 @@ from rich.console import Console
 
 from bnfold import batch
 from bnfold.cli.arg_types import comma_list, positive_int
-from bnfold.cli.output_paths import check_json_path, check_output_path
 from bnfold.cli.render import (
+    make_console,
     render_batch_outcome,
     render_batch_total,
+    render_failure_line,
     render_fold_records,
     render_fold_summary,
     with_progress,
     write_json,
 )
 from bnfold.errors import ExitCode, UsageError
+from bnfold.files.output_plan import MODEL_OUTPUT, OutputPlan
 from bnfold.passes import rule_names
-from bnfold.workflow import FoldOptions, FoldOutcome, default_failed_path, fold_file
+from bnfold.runtime import require_onnxruntime
+from bnfold.workflow import FoldOptions, FoldOutcome, default_failed_path, fold_file, fold_plan
 
 if TYPE_CHECKING:
     from bnfold.validate.options import VerifyOptions
@@ -84,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-failed",
         action="store_true",
-        help="when verification fails, keep the folded model as <stem>.failed.onnx (never at the output path)",
+        help="when verification fails, keep the folded model as <output stem>.failed.onnx, by default"
+        " <stem>.folded.failed.onnx (never at the output path)",
     )
     parser.add_argument("--junit-xml", metavar="PATH", help="write JUnit XML (one testcase per provider × output)")
     parser.add_argument(
@@ -107,15 +111,13 @@ def default_output_path(model: Path) -> Path:
     return model.with_name(f"{name}.folded.onnx")
 
 
-def resolve_output(args: argparse.Namespace) -> Path:
-    source = Path(args.model)
+def resolve_output(args: argparse.Namespace) -> str:
+    """The output path as given (``-o ''`` and ``-o dir/`` stay as typed, for the output plan to refuse)."""
     if args.in_place:
-        if args.output:
+        if args.output is not None:
             raise UsageError("--in-place and --output are mutually exclusive")
-        return source
-    output = Path(args.output) if args.output else default_output_path(source)
-    check_output_path(source, output, " (use --in-place to mean it)")
-    return output
+        return args.model
+    return args.output if args.output is not None else os.fspath(default_output_path(Path(args.model)))
 
 
 def fold_options_from_args(args: argparse.Namespace) -> FoldOptions:
@@ -131,13 +133,15 @@ def fold_options_from_args(args: argparse.Namespace) -> FoldOptions:
 
 def verify_options_from_args(args: argparse.Namespace) -> VerifyOptions | None:
     """The verification options the flags ask for; ``None`` with ``--no-verify`` (or without validation)."""
+    if not args.no_verify:  # one line saying what to install, before anything is read or written
+        require_onnxruntime("verification", "pass --no-verify to fold without verifying")
     module = None if args.no_verify else _verify_options()
     return None if module is None else module.verify_options_from_args(args)
 
 
 def run(args: argparse.Namespace) -> int:
     stdout_json = args.json == "-"
-    console = Console(file=sys.stderr if stdout_json else sys.stdout, quiet=args.quiet)
+    console = make_console(file=sys.stderr if stdout_json else sys.stdout, quiet=args.quiet)
     if args.list_rules:
         for name in rule_names():
             print(name)
@@ -145,23 +149,24 @@ def run(args: argparse.Namespace) -> int:
     paths = list(args.model or [])
     if not paths:
         raise UsageError("a MODEL path is required")
-    check_json_path(args.json)  # before any output is committed
     options = fold_options_from_args(args)
-    plan = _batch_plan(args, paths)
-    if plan is not None:
-        return _run_batch(args, console, plan, options)
+    verify = verify_options_from_args(args)
+    jobs = _batch_jobs(args, paths)
+    if jobs is not None:
+        return _run_batch(args, console, jobs, options, verify)
     args.model = paths[0]
-    return _run_single(args, console, options)
+    return _run_single(args, console, options, verify)
 
 
 # --- one model ---------------------------------------------------------------------------------------------
 
 
-def _run_single(args: argparse.Namespace, console: Console, options: FoldOptions) -> int:
+def _run_single(args: argparse.Namespace, console: Console, options: FoldOptions, verify: VerifyOptions | None) -> int:
     output = resolve_output(args)
-    verify = verify_options_from_args(args)
     keep_failed = default_failed_path(output) if args.keep_failed else None
-    outcome = fold_file(args.model, output, options, verify, keep_failed=keep_failed)
+    plan = fold_plan(args.model, output, verify, keep_failed, in_place=args.in_place).write(args.json, "--json")
+    plan.write(args.junit_xml, "--junit-xml").check()  # every path, before anything is read or written
+    outcome = fold_file(args.model, output, options, verify, keep_failed=keep_failed, plan=plan)
     render_fold_summary(
         console,
         outcome.report,
@@ -175,23 +180,31 @@ def _run_single(args: argparse.Namespace, console: Console, options: FoldOptions
         render_fold_records(console, outcome.report)
     verification = outcome.verification
     if verification is not None:
-        _verify_options().render_verify_report(console, verification)
+        _verify_options().render_verify_report(console, verification, written=outcome.written is not None)
     if args.json:
         write_json(args.json, outcome.to_dict())
     if verification is not None:
-        from bnfold.validate.github_summary import append_step_summary, verify_markdown
         from bnfold.validate.junit import JUnitSuite, verify_cases, write_junit_xml
 
         if args.junit_xml:
             write_junit_xml(args.junit_xml, [JUnitSuite("bnfold fold", verify_cases(verification))])
-        append_step_summary(verify_markdown(verification))
+        render_failure_line(  # even with -q: what failed, and that nothing was written
+            make_console(stderr=True),
+            verification,
+            subject=args.model,
+            nothing_written=outcome.written is None,
+            kept=outcome.kept_failed,
+        )
+    from bnfold.validate.github_summary import append_step_summary, fold_markdown
+
+    append_step_summary(fold_markdown(outcome.report, verification, source=args.model, written=outcome.written))
     return outcome.exit_code
 
 
 # --- batch mode --------------------------------------------------------------------------------------------
 
 
-def _batch_plan(args: argparse.Namespace, paths: list[str]) -> list[batch.FoldJob] | None:
+def _batch_jobs(args: argparse.Namespace, paths: list[str]) -> list[batch.FoldJob] | None:
     """The jobs of a batch run, or ``None`` for the single-model mode.
 
     Batch mode: several models, or a model followed by a directory (existing, or named with a trailing ``/``).
@@ -210,7 +223,7 @@ def _batch_plan(args: argparse.Namespace, paths: list[str]) -> list[batch.FoldJo
         sources = paths[:-1]
         Path(last).mkdir(parents=True, exist_ok=True)
         destinations = batch.output_paths(sources, last)
-    if args.output:
+    if args.output is not None:
         raise UsageError("--output names one file; in batch mode give an output directory instead")
     for option in ("load_inputs", "save_inputs"):
         if getattr(args, option, None):
@@ -221,8 +234,19 @@ def _batch_plan(args: argparse.Namespace, paths: list[str]) -> list[batch.FoldJo
     ]
 
 
-def _run_batch(args: argparse.Namespace, console: Console, jobs: list[batch.FoldJob], options: FoldOptions) -> int:
-    verify = verify_options_from_args(args)
+def _run_batch(
+    args: argparse.Namespace,
+    console: Console,
+    jobs: list[batch.FoldJob],
+    options: FoldOptions,
+    verify: VerifyOptions | None,
+) -> int:
+    plan = OutputPlan()
+    for job in jobs:
+        plan.read(job.source, "the input")
+        plan.write(job.destination, MODEL_OUTPUT, replaces=job.source if job.in_place else None)
+        plan.write(job.keep_failed, "--keep-failed")
+    plan.write(args.json, "--json").write(args.junit_xml, "--junit-xml").check()
     workers = args.jobs or min(len(jobs), os.cpu_count() or 1)
     started = time.perf_counter()
     outcomes: list[FoldOutcome] = []

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bnfold.cli.output_paths import check_json_path, check_not_read, check_output_path
 from bnfold.cli.render import render_recalibration, write_json
 from bnfold.errors import ExitCode, UsageError
 from bnfold.files import SOURCE_FILES_META, load_model, stage_model
+from bnfold.files.output_plan import MODEL_OUTPUT, OutputPlan
+from bnfold.runtime import require_onnxruntime
 
 if TYPE_CHECKING:  # the API imports onnxruntime: keep `bnfold --help` light
     import onnx_ir as ir
@@ -55,21 +56,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="list every BatchNormalization")
 
 
-def _output_path(args: argparse.Namespace, source: Path) -> Path:
+def _output_path(args: argparse.Namespace, source: Path) -> str:
+    """The output path as given (checked by the output plan)."""
     if args.in_place:
         if args.output is not None and Path(args.output).resolve() != source.resolve():
             raise UsageError("give either -o/--output or --in-place, not both")
-        return source
+        return args.model
     if args.output is None:
         raise UsageError("give -o/--output OUT (or --in-place to overwrite the model)")
-    output = Path(args.output)
-    check_output_path(source, output, "; pass --in-place to allow it")
-    if not output.parent.is_dir():  # refused now, not after the calibration passes
-        raise UsageError(f"{output}: output directory {output.parent} does not exist")
-    return output
+    return args.output
 
 
 def run(args: argparse.Namespace) -> int:
+    require_onnxruntime("bnfold recalibrate")  # (recalibration runs the model: check first, for a one-line error)
     from bnfold.api import fold
     from bnfold.recalibration import NpzBatches, recalibrate
 
@@ -77,12 +76,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--match-torch stores torch's unbiased variance; it cannot be combined with --convention onnx")
     source = Path(args.model)
     output = _output_path(args, source)
-    check_json_path(args.json)
+    plan = OutputPlan().read(source, "the input").write(args.json, "--json")
+    plan.write(output, MODEL_OUTPUT, replaces=source if args.in_place else None, hint="; pass --in-place to allow it")
+    plan.check()  # refused now, not after the calibration passes
     batches = NpzBatches(args.data)
-    check_not_read(output, batches.files, "the --data file")
+    for file in batches.files:
+        plan.read(file, "the --data file")
+    plan.check()
     model = load_model(source)
-    if not args.in_place:  # in place, the model file is replaced on purpose; its data files never are (io)
-        check_not_read(output, model.meta.get(SOURCE_FILES_META, ()), "a file the model is read from:")
+    plan.check_reads(model.meta.get(SOURCE_FILES_META, ()))  # (in place, its data files are never written: files)
     console = Console(quiet=args.quiet, highlight=False, stderr=args.json == "-")  # stdout carries the JSON
     errors = Console(stderr=True)
     with Progress(
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             match_torch=args.match_torch,
             progress=advance,
         )
-    render_recalibration(console, report, output, verbose=args.verbose)
+    render_recalibration(console, report, Path(output), verbose=args.verbose)
     exit_code = ExitCode.OK
     if args.fold:
         recalibrated = model.clone()

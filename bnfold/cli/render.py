@@ -229,3 +229,49 @@ def with_progress(console: Console, results: Iterator[T], total: int, *, quiet: 
     finally:
         if progress is not None:
             progress.stop()
+
+
+# --- consoles for logs, and the one-line failure (issue 15) ---------------------------------------------------
+
+#: The width of a console that is not a terminal: wide enough that no table ever truncates a name.
+LOG_WIDTH = 100_000
+
+
+def make_console(*, stderr: bool = False, file: Any = None, quiet: bool = False, highlight: bool = True) -> Console:
+    """A console for the CLI's output.
+
+    On a terminal it wraps at the terminal's width. Without one (a pipe, a CI log) it never wraps or truncates:
+    rich would otherwise fit every table into ``COLUMNS`` (80 by default) and cut node names, paths and
+    messages with "…". ``NO_COLOR`` (any non-empty value) turns colour off, as rich's default does.
+    """
+    console = Console(stderr=stderr, file=file, quiet=quiet, highlight=highlight)
+    if not console.is_terminal:
+        console.width = LOG_WIDTH
+    return console
+
+
+def failure_line(report: Any, *, subject: str, nothing_written: bool, kept: str | None = None) -> str | None:
+    """One line naming what failed in a verification ``report`` (a ``VerifyReport``), or ``None`` if nothing did.
+
+    ``subject`` names the model (or pair of models); ``nothing_written`` adds that no output was written.
+    Printed on stderr even with ``-q``, so that a quiet CI step still says why it failed.
+    """
+    if not report.failed:
+        return None
+    parts = [f"the interfaces differ ({problem})" for problem in report.problems]
+    for verdict in report.verdicts:
+        if verdict.verdict.value == "failed":
+            parts.append(f"{verdict.requested}: " + "; ".join(verdict.reasons or ("failed",)))
+    line = f"bnfold: {subject}: verification failed: " + "; ".join(parts)
+    if nothing_written:
+        line += "; nothing was written" + (f" (the folded model is kept as {kept} for inspection)" if kept else "")
+    return " ".join(line.split())
+
+
+def render_failure_line(
+    errors: Console, report: Any, *, subject: str, nothing_written: bool, kept: str | None = None
+) -> None:
+    """Print :func:`failure_line` on ``errors`` (a stderr console that ``-q`` does not silence)."""
+    line = failure_line(report, subject=subject, nothing_written=nothing_written, kept=kept)
+    if line is not None:
+        errors.print(line, markup=False, highlight=False, soft_wrap=True)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bnfold.cli.output_paths import check_output_path
 from bnfold.cli.render import render_lowering
 from bnfold.errors import ExitCode
-from bnfold.files import load_model, save_model
+from bnfold.files import SOURCE_FILES_META, load_model, save_model
+from bnfold.files.output_plan import MODEL_OUTPUT, OutputPlan
 from bnfold.training.lowering import lower_training
 
 NAME = "lower-training"
@@ -27,10 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    source, output = Path(args.model), Path(args.output)
-    check_output_path(source, output, "; choose another path")
+    source, output = Path(args.model), args.output
+    plan = OutputPlan().read(source, "the input").write(output, MODEL_OUTPUT, hint="; choose another path")
+    plan.check()
     model = load_model(source)
+    plan.check_reads(model.meta.get(SOURCE_FILES_META, ()))  # its external data files
     lowered, count = lower_training(model)
     save_model(lowered, output)
-    render_lowering(Console(quiet=args.quiet, highlight=False), count, output)
+    render_lowering(Console(quiet=args.quiet, highlight=False), count, Path(output))
     return ExitCode.OK

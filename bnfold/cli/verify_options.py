@@ -2,8 +2,9 @@
 
 - :func:`add_verify_arguments` adds the flags to a parser;
 - :func:`verify_from_args` runs :func:`bnfold.validate.verify` with them;
-- :func:`render_verify_report` prints the per provider × output table with rich;
-- :func:`verify_exit_code` maps a report to the process exit code (1 on a mismatch, else 0).
+- :func:`render_verify_report` prints the per provider × output table with rich (and the float64 verdict);
+- :class:`VerifyProgress` shows a long verification's progress (a bar on a terminal, lines otherwise);
+- :func:`verify_exit_code` maps a report to the process exit code (1 on a mismatch or a timeout, else 0).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
 from collections.abc import Mapping
 
 from rich import box
@@ -80,6 +82,16 @@ def _tolerance(text: str) -> tuple[str | None, float]:
     return (name or None), value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _defaults_text() -> str:
     return ", ".join(f"{dtype} {_number(t.atol)}/{_number(t.rtol)}" for dtype, t in DEFAULT_TOLERANCES.items())
 
@@ -141,6 +153,12 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"{which} for every floating output, or for OUTPUT only (repeatable)"
             + ("" if which == "rtol" else f"; defaults by dtype (atol/rtol): {_defaults_text()}; integers exact"),
         )
+    group.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="give up verifying after SECONDS: exit 1, as a failed verification (and `fold` writes nothing)",
+    )
     group.add_argument("--load-inputs", metavar="FILE.npz", help="compare on these inputs instead of generated ones")
     group.add_argument("--save-inputs", metavar="FILE.npz", help="save the inputs used, to reproduce a run")
 
@@ -164,6 +182,7 @@ def verify_options_from_args(args: argparse.Namespace) -> VerifyOptions:
         load_inputs=args.load_inputs,
         save_inputs=args.save_inputs,
         cuda_tf32=args.cuda_tf32,
+        timeout_s=getattr(args, "timeout", None),
     )
 
 
@@ -174,6 +193,7 @@ def verify_from_args(
     probes: Mapping[str, str] | None = None,
     *,
     candidate_label: str | None = None,
+    progress: VerifyProgress | None = None,
 ) -> VerifyReport:
     """Run :func:`bnfold.validate.verify` with the flags of :func:`add_verify_arguments`.
 
@@ -181,7 +201,60 @@ def verify_from_args(
     a staged temporary file).
     """
     options = verify_options_from_args(args)
-    return verify_with(original, candidate, options, probes=probes, candidate_label=candidate_label)
+    return verify_with(original, candidate, options, probes=probes, candidate_label=candidate_label, progress=progress)
+
+
+#: Non-terminal progress lines start once a verification has lasted this long (short runs stay quiet).
+PROGRESS_AFTER_SECONDS = 2.0
+
+
+class VerifyProgress:
+    """A verification's progress: ``verify(progress=...)`` calls it after each iteration of each stage.
+
+    On a terminal, a transient rich bar per stage; otherwise (CI logs) one plain line per iteration once the
+    run has lasted :data:`PROGRESS_AFTER_SECONDS`. Use as a context manager (the bar is removed at the end).
+    """
+
+    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+        self.console = console
+        self.enabled = enabled and not console.quiet
+        self.started = time.perf_counter()
+        self._progress = None
+        self._tasks: dict[str, object] = {}
+
+    def __enter__(self) -> VerifyProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.started
+        if not self.console.is_terminal:
+            if elapsed >= PROGRESS_AFTER_SECONDS:
+                self.console.print(
+                    f"verify: {stage} {done}/{total} ({elapsed:.1f} s)", markup=False, highlight=False, soft_wrap=True
+                )
+            return
+        if self._progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("verify: {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._progress.start()
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(stage, total=total)
+        self._progress.update(self._tasks[stage], completed=done)
 
 
 def verify_exit_code(report: VerifyReport) -> int:
@@ -208,7 +281,8 @@ def _verdict_line(report: VerifyReport) -> str:
     parts = [f"{_STYLE[verdict]} on {', '.join(names)}" for verdict, names in by_verdict.items()]
     if report.problems:
         parts.insert(0, f"{_STYLE[Verdict.FAILED]}: the interfaces differ")
-    return f"verification {_STYLE[report.verdict]}" + (f" ({'; '.join(parts)})" if parts else "")
+    basis = " against float64" if any(verdict.basis == "float64" for verdict in report.verdicts) else ""
+    return f"verification {_STYLE[report.verdict]}{basis}" + (f" ({'; '.join(parts)})" if parts else "")
 
 
 def _provider_table(report: VerifyReport, run: ProviderRun, verdict: ProviderVerdict) -> Table:
@@ -227,6 +301,8 @@ def _provider_table(report: VerifyReport, run: ProviderRun, verdict: ProviderVer
         numeric = header not in ("output", "verdict")
         table.add_column(header, justify="right" if numeric else "left", min_width=11 if header == "atol/rtol" else 7)
     noise = {metrics.name: metrics.errors for metrics in run.noise_floor}
+    # With a float64 basis, the verdict column is the float64 rule's; the numbers stay the float32 comparison's.
+    deciding = {judgement.name: judgement for judgement in verdict.float64_outputs}
     for metrics, judgement in zip(run.outputs, verdict.outputs, strict=True):
         errors = metrics.errors
         row = [
@@ -241,19 +317,59 @@ def _provider_table(report: VerifyReport, run: ProviderRun, verdict: ProviderVer
         if run.noise_floor:
             floor = noise.get(metrics.name)
             row.append(_number(floor.max_abs) if floor is not None else "-")
-        table.add_row(*row, _STYLE[judgement.verdict])
+        table.add_row(*row, _STYLE[deciding.get(metrics.name, judgement).verdict])
     return table
 
 
-def render_verify_report(console: Console, report: VerifyReport) -> None:
+def _render_float64(console: Console, run: ProviderRun, verdict: ProviderVerdict) -> None:
+    """The float64 verdict: engine and cost, per output the two distances to float64, the folds checked."""
+    check = run.float64
+    if check is None:
+        return
+    if check.unavailable is not None:
+        console.print(f"[yellow]{run.requested}: no float64 verdict:[/] {check.unavailable}", soft_wrap=True)
+        return
+    console.print(
+        f"{run.requested}: float64 reference used ({check.engine}; {check.iterations} iteration(s), "
+        f"{check.elapsed_s:.2f} s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    judged = {judgement.name: judgement for judgement in verdict.float64_outputs}
+    for truth in check.outputs:
+        judgement = judged.get(truth.name)
+        original = _number(truth.original.errors.max_abs if truth.original.errors else None)
+        candidate = _number(truth.candidate.errors.max_abs if truth.candidate.errors else None)
+        allowed = f"allowed {_number(judgement.tolerance.atol)} + {_number(judgement.tolerance.rtol)}·|ref|"
+        state = _STYLE[judgement.verdict] if judgement is not None else "-"
+        console.print(
+            f"  {truth.name}: original {original} from float64, candidate {candidate} ({allowed}): {state}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if check.probes:
+        diverging = sum(judgement.verdict is Verdict.FAILED for judgement in verdict.float64_probes)
+        console.print(
+            f"  folds checked one by one against float64: {len(check.probes)}, diverging: {diverging}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for judgement in (*verdict.float64_outputs, *verdict.float64_probes):
+        for reason in judgement.reasons:
+            console.print(f"  [red]{judgement.name}:[/] {reason}", highlight=False, soft_wrap=True)
+    if check.note:
+        console.print(f"  note: {check.note}", highlight=False, soft_wrap=True)
+
+
+def render_verify_report(console: Console, report: VerifyReport, *, written: bool = True) -> None:
     """One table per provider (output × errors, smallest passing atol/rtol, tolerance, verdict), then notes.
 
     "atol needed" is the smallest atol that passes at the table's rtol, "rtol needed" the smallest rtol at its
     atol; the noise floor (non-CPU providers) is the original's own max abs difference provider vs CPU.
+    ``written=False`` (``fold`` after a failure): the header does not name an output file that was never written.
     """
-    console.print(
-        f"verify: {report.candidate} against {report.original} ({report.iterations} iteration(s))", highlight=False
-    )
+    candidate = report.candidate if written else f"the folded model (not written to {report.candidate})"
+    console.print(f"verify: {candidate} against {report.original} ({report.iterations} iteration(s))", highlight=False)
     for problem in report.problems:
         console.print(f"[bold red]interface:[/] {problem}", highlight=False, soft_wrap=True)
     for run, verdict in report.results():
@@ -270,13 +386,17 @@ def render_verify_report(console: Console, report: VerifyReport) -> None:
             )
             continue
         console.print(_provider_table(report, run, verdict))
+        float64 = verdict.basis == "float64"
         for judgement in verdict.outputs:
             for reason in judgement.reasons:
-                console.print(f"[red]{run.requested} {judgement.name}:[/] {reason}", highlight=False, soft_wrap=True)
+                label = f"{run.requested} {judgement.name}" + (" (float32 table)" if float64 else "")
+                style = "yellow" if float64 else "red"
+                console.print(f"[{style}]{label}:[/] {reason}", highlight=False, soft_wrap=True)
+        _render_float64(console, run, verdict)
         if verdict.responsible:
             others = [label for label in verdict.divergent if label != verdict.responsible]
             later = ""
-            if others:
+            if others and not float64:
                 listed = ", ".join(others) if len(others) <= 3 else f"{len(others)} folds"
                 later = f" (downstream, as a consequence, also: {listed})"
             console.print(

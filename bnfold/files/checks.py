@@ -136,6 +136,7 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], opsets: dict[str
     defined, producer_of = _define_all(graph.input, initializers, nodes, outer, where)
     holders = _check_nodes(nodes, defined, producer_of, outer, opsets, where)
     _check_outputs(graph.output, defined, outer, where)
+    _check_batch_norm_types(graph, initializers, nodes, opsets, where)
     visible = outer | defined
     for node in holders:
         for attribute in node.attribute:
@@ -318,6 +319,69 @@ def _check_node_against_schema(node: onnx.NodeProto, inputs, attributes, opsets:
             raise InvalidModelError(
                 f"{_node_label(node, version, where)} attribute {attribute.name!r} is {actual}, expected {declared[1]}"
             )
+
+
+def _check_batch_norm_types(graph: onnx.GraphProto, initializers, nodes, opsets: dict[str, int], where: str) -> None:
+    """BatchNormalization inputs of known element type must meet the schema's type constraints of the opset.
+
+    Known: initializers, Constant values and typed graph inputs of this graph. Each such input's type must be
+    allowed by its type parameter, and inputs sharing a parameter must share the type (opset < 14: all five
+    share ``T``; 14: ``X``/scale/B share ``T``, mean/var ``U``; 15+: scale/B share ``T1``, mean/var ``T2``).
+    onnxruntime refuses such a node; folding it would write a model nothing can run.
+    """
+    version = opsets.get("", 1)
+    batch_norms = [node for node in nodes if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")]
+    if not batch_norms:
+        return
+    constraints = _batch_norm_constraints(version)
+    if constraints is None:
+        return
+    known = {
+        value.name: value.type.tensor_type.elem_type for value in graph.input if value.type.HasField("tensor_type")
+    }
+    known.update({tensor.name: tensor.data_type for tensor in initializers})
+    for node in nodes:
+        if node.op_type == "Constant" and node.output:
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.HasField("t"):
+                    known[node.output[0]] = attribute.t.data_type
+    for node in batch_norms:
+        shared: dict[str, tuple[str, str]] = {}  # type parameter → (input, its type)
+        for name, (formal, param, allowed) in zip(node.input, constraints, strict=False):
+            elem_type = known.get(name) if name else None
+            if not elem_type:
+                continue
+            type_name = onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type in _DATA_TYPES else "unknown"
+            label = _node_label(node, version, where)
+            if f"tensor({type_name})" not in allowed:
+                raise InvalidModelError(
+                    f"{label}: input {formal} {name!r} is {type_name}, which {param} does not allow"
+                )
+            first = shared.setdefault(param, (formal, type_name))
+            if first[1] != type_name:
+                raise InvalidModelError(
+                    f"{label}: input {formal} {name!r} is {type_name} but {first[0]} is {first[1]} "
+                    f"(both are of type {param})"
+                )
+
+
+_batch_norm_cache: dict[int, tuple[tuple[str, str, frozenset[str]], ...] | None] = {}
+
+
+def _batch_norm_constraints(version: int) -> tuple[tuple[str, str, frozenset[str]], ...] | None:
+    """Per BatchNormalization input of opset ``version``: (formal name, type parameter, allowed type strings)."""
+    if version not in _batch_norm_cache:
+        try:
+            schema = onnx.defs.get_schema("BatchNormalization", min(version, _MAX_SCHEMA_VERSION), "")
+        except (onnx.defs.SchemaError, TypeError, ValueError):
+            _batch_norm_cache[version] = None
+        else:
+            allowed = {item.type_param_str: frozenset(item.allowed_type_strs) for item in schema.type_constraints}
+            _batch_norm_cache[version] = tuple(
+                (formal.name, formal.type_str, allowed.get(formal.type_str, frozenset({formal.type_str})))
+                for formal in schema.inputs
+            )
+    return _batch_norm_cache[version]
 
 
 def _node_label(node: onnx.NodeProto, version: int, where: str) -> str:

@@ -43,7 +43,7 @@ MembersCheck = Callable[[dict[str, Declared]], None]
 
 def shown_path(path: str | os.PathLike) -> str:
     """``path`` as an error message shows it: as is when printable, else quoted with escapes (one line)."""
-    text = os.fsdecode(path)
+    text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
     return text if text.isprintable() else repr(text)
 
 
@@ -127,7 +127,7 @@ def read_npz(
                         f"{where}: the arrays declare {declared} bytes, more than the {max_bytes} bytes accepted "
                         "per file; split the data into several files"
                     )
-                return {key: _read_member(archive, info, where) for key, (info, _, _, _) in members.items()}
+                return {key: _read_member(archive, info) for key, (info, _, _, _) in members.items()}
         except UsageError:
             raise
         except MemoryError as error:
@@ -169,7 +169,7 @@ def _member_headers(
     return members
 
 
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> np.ndarray:
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
     """One member's array (reads only the bytes its header declares), converted to native byte order."""
     with archive.open(info) as member:
         array = np.lib.format.read_array(member, allow_pickle=False, max_header_size=MAX_NPY_HEADER_BYTES)

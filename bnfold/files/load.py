@@ -16,11 +16,14 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import InvalidModelError, UsageError, one_line
-from bnfold.files.checks import check_external_data, check_model_proto
+from bnfold.files.checks import check_external_data, check_model_proto, iter_tensor_protos
+from bnfold.files.inputs import shown_path
 from bnfold.files.paths import external_data_name
 from bnfold.files.wire import UnsupportedLayout, scan_self_referencing
 from bnfold.passes.scopes import model_graphs
 
+# What every API that takes a model accepts: a path (loaded lazily), an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
+ModelInput = str | os.PathLike | onnx.ModelProto | ir.Model
 # ``ir.Model.meta`` key set by the loaders: frozenset of the resolved files the model was read from.
 SOURCE_FILES_META = "bnfold.source_files"
 # Main-graph initializers at least this large are read lazily from a self-contained file (:func:`open_lazily`).
@@ -40,28 +43,29 @@ def load_model(path: str | os.PathLike) -> ir.Model:
             malformed, or an external-data reference is unsafe or broken.
     """
     path = Path(path)
+    shown = shown_path(path)  # (a name with a newline or other control character is shown escaped: one line)
     try:
         if not path.exists():
-            raise InvalidModelError(f"{path}: no such file")
-        if not path.is_file():
-            raise InvalidModelError(f"{path}: not a regular file")
+            raise InvalidModelError(f"{shown}: no such file")
+        if not path.is_file():  # a FIFO, device or directory is never opened (reading a FIFO would block)
+            raise InvalidModelError(f"{shown}: not a regular file")
         if path.stat().st_size == 0:
-            raise InvalidModelError(f"{path}: empty file")
+            raise InvalidModelError(f"{shown}: empty file")
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except InvalidModelError:
         raise
     except OSError as error:  # permission denied, I/O error, name too long
-        raise InvalidModelError(f"{path}: cannot read ({error.strerror or one_line(error)})") from error
+        raise InvalidModelError(f"{shown}: cannot read ({error.strerror or one_line(error)})") from error
     except Exception as error:  # protobuf's DecodeError for bytes that are not a model
-        raise InvalidModelError(f"{path}: not a valid ONNX model ({one_line(error)})") from error
-    check_model_proto(proto, source=path)
-    check_external_data(proto, path.parent, source=path)
-    model = _deserialize(proto, source=path)
+        raise InvalidModelError(f"{shown}: not a valid ONNX model ({one_line(error)})") from error
+    check_model_proto(proto, source=shown)
+    check_external_data(proto, path.parent, source=shown)
+    model = _deserialize(proto, source=shown)
     finish_loading(model, path.parent, source=path)
     return model
 
 
-def as_model(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
+def as_model(model: ModelInput) -> ir.Model:
     """Accept a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` and return an ``onnx_ir.Model``.
 
     An ``ir.Model`` is returned as is (callers that must not change it copy it first). A ``ModelProto`` is
@@ -100,12 +104,12 @@ def open_lazily(path: str | os.PathLike) -> ir.Model:
         proto = scan_self_referencing(path, LAZY_TENSOR_BYTES)
     except UnsupportedLayout:
         return load_model(path)
-    check_model_proto(proto, source=path)
-    check_external_data(proto, path.parent, source=path)
+    check_model_proto(proto, source=shown_path(path))
+    check_external_data(proto, path.parent, source=shown_path(path))
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as error:
-        raise InvalidModelError(f"{path}: invalid ONNX model ({error})") from error
+        raise InvalidModelError(f"{shown_path(path)}: invalid ONNX model ({one_line(error)})") from error
     finish_loading(model, path.parent, source=path)
     return model
 
@@ -252,3 +256,33 @@ def external_files(model: ir.Model) -> set[Path]:
         if isinstance(value.const_value, ir.ExternalTensor)
     }
     return loaded_from | {Path(os.path.realpath(path)) for path in paths}
+
+
+def data_files_of(path: str | os.PathLike) -> set[Path]:
+    """The external-data files the model file ``path`` refers to (resolved), read without loading any weight.
+
+    For an output plan that must know them before the model is loaded (``bnfold verify``, ``bnfold check``).
+    A large file is read with the wire-level scan (cost: the graph structure); a file that is not a readable
+    model yields no file (its loader reports the problem later). Nothing is checked here.
+    """
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return set()
+        if path.stat().st_size >= LAZY_FILE_BYTES:
+            try:
+                proto = scan_self_referencing(path, LAZY_TENSOR_BYTES)
+            except UnsupportedLayout:
+                proto = onnx.load(os.fspath(path), load_external_data=False)
+        else:
+            proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # not a model: the loader says so, in its words
+        return set()
+    files = set()
+    for tensor in iter_tensor_protos(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+            if location and "\x00" not in location:
+                files.add(Path(os.path.realpath(path.parent / location)))
+    files.discard(Path(os.path.realpath(path)))  # (the wire scan's references into the file itself)
+    return files

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bnfold.errors import UsageError
+from bnfold.files.load import data_files_of
 from bnfold.files.paths import is_same_file
 
 MODEL_OUTPUT = "-o"
@@ -40,6 +41,7 @@ class PlannedOutput:
     text: str
     flag: str
     replaces: Path | None = None
+    hint: str = ""  # ends the message when the output would overwrite the input, e.g. " (use --in-place ...)"
 
     @property
     def path(self) -> Path:
@@ -80,23 +82,40 @@ class OutputPlan:
             self.reads.append(PlannedRead(Path(path), what))
         return self
 
+    def read_model(self, path: str | os.PathLike | None) -> OutputPlan:
+        """Declare that the command reads the model ``path`` and every external-data file it refers to."""
+        if path is None:
+            return self
+        self.read(path, "the input")
+        for file in sorted(data_files_of(path)):
+            self.read(file, "a file the model is read from:")
+        return self
+
     def write(
-        self, path: str | os.PathLike | None, flag: str, *, replaces: str | os.PathLike | None = None
+        self,
+        path: str | os.PathLike | None,
+        flag: str,
+        *,
+        replaces: str | os.PathLike | None = None,
+        hint: str = "",
     ) -> OutputPlan:
         """Declare that the command writes ``path`` (``None`` and ``-``, stdout: nothing).
 
-        ``replaces``: the input this output replaces on purpose (``--in-place``).
+        Give ``path`` as the user typed it (a ``str``: ``Path`` drops a trailing ``/``). ``replaces``: the input
+        this output replaces on purpose (``--in-place``); ``hint``: how to mean it when it would overwrite the input.
         """
         if path is None or (flag != MODEL_OUTPUT and os.fspath(path) == "-"):
             return self
-        self.outputs.append(PlannedOutput(os.fspath(path), flag, Path(replaces) if replaces is not None else None))
+        replaced = Path(replaces) if replaces is not None else None
+        self.outputs.append(PlannedOutput(os.fspath(path), flag, replaced, hint))
         return self
 
     def check(self) -> None:
         """Refuse the plan (:class:`~bnfold.errors.UsageError`) if an output is unusable or would overwrite a
         file read or another output; see the module docstring."""
         for output in self.outputs:
-            _check_usable(output)
+            if output.replaces is None:  # (an in-place output is the input: the loader refuses what it cannot read)
+                _check_usable(output)
         self.check_reads(())
         for index, output in enumerate(self.outputs):
             for other in self.outputs[:index]:
@@ -111,7 +130,7 @@ class OutputPlan:
                 if output.replaces is not None and is_same_file(read.path, output.replaces):
                     continue  # the in-place model output replaces its input on purpose
                 if _same(output.path, read.path):
-                    shown = read.what if read.what == "the input" else f"{read.what} {read.path}"
+                    shown = f"the input{output.hint}" if read.what == "the input" else f"{read.what} {read.path}"
                     raise UsageError(f"{output.label}: the output would overwrite {shown}")
 
 

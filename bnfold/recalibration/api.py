@@ -26,11 +26,10 @@ from typing import Literal
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BnfoldError, UsageError, one_line
-from bnfold.files.load import as_model
+from bnfold.files.load import ModelInput, as_model
 from bnfold.passes.graph_edit import NameAllocator
 from bnfold.recalibration.data import NpzBatches
 from bnfold.recalibration.graph import (
@@ -98,7 +97,7 @@ class RecalibrationReport:
 
 
 def recalibrate(
-    model: str | os.PathLike | onnx.ModelProto | ir.Model,
+    model: ModelInput,
     batches: Batches | str | os.PathLike,
     *,
     convention: Literal["onnx", "torch"] = "onnx",

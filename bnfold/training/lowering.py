@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
-import onnx
 import onnx_ir as ir
 
-from bnfold.files.load import as_model
+from bnfold.files.load import ModelInput, as_model
 from bnfold.training.decompose import DecomposeTrainingBatchNorm
 
 
-def lower_training(model_or_path: str | os.PathLike | onnx.ModelProto | ir.Model) -> tuple[ir.Model, int]:
+def lower_training(model_or_path: ModelInput) -> tuple[ir.Model, int]:
     """Rewrite every training-mode BatchNormalization into ``bnfold.BatchNormalizationTraining``.
 
     Returns ``(model, count)``: the lowered model and how many nodes were rewritten (0 leaves the model as

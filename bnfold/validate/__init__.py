@@ -2,8 +2,9 @@
 
 ``verify(original, candidate)`` runs both on seeded inputs and returns a :class:`VerifyReport`: per provider
 and output the measured errors (kept apart from the verdict, so a saved report can be re-judged with
-:meth:`VerifyReport.judge`), the verdict under the dtype-keyed :class:`ToleranceTable`, and on a mismatch
-the fold responsible. onnxruntime is imported only inside this package, and only when a name that needs it
+:meth:`VerifyReport.judge`), the verdict under the dtype-keyed :class:`ToleranceTable` — or, when that fails on
+values alone, against the original evaluated in float64 (:class:`Float64Rule`) — and on a mismatch the fold
+responsible. onnxruntime is imported only inside this package, and only when a name that needs it
 (``verify``) is first used: the names below are imported lazily.
 """
 
@@ -16,6 +17,9 @@ _LAZY = {
     "DEFAULT_ITERATIONS": "bnfold.validate.inputs",
     "DEFAULT_TOLERANCES": "bnfold.validate.tolerances",
     "ErrorStats": "bnfold.validate.metrics",
+    "Float64Check": "bnfold.validate.report",
+    "Float64Limits": "bnfold.validate.float64_reference",
+    "Float64Rule": "bnfold.validate.tolerances",
     "InputRecord": "bnfold.validate.report",
     "InputSpec": "bnfold.validate.inputs",
     "Judgement": "bnfold.validate.report",
@@ -25,6 +29,8 @@ _LAZY = {
     "TensorMetrics": "bnfold.validate.metrics",
     "Tolerance": "bnfold.validate.tolerances",
     "ToleranceTable": "bnfold.validate.tolerances",
+    "TruthMetrics": "bnfold.validate.report",
+    "VerificationTimeout": "bnfold.validate.verifier",
     "Verdict": "bnfold.validate.report",
     "VerifyReport": "bnfold.validate.report",
     "generate_inputs": "bnfold.validate.inputs",

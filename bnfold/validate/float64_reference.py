@@ -40,6 +40,10 @@ from onnx import numpy_helper
 from bnfold.errors import one_line
 from bnfold.validate.model_source import ModelSource
 
+# Ops onnxruntime 1.32's CPU provider has no float64 kernel for (checked op by op): go straight to onnx.reference.
+NO_ONNXRUNTIME_FLOAT64 = frozenset(
+    {"Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool", "HardSigmoid", "HardSwish", "LpPool"}
+)
 _WIDENED = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 _DOUBLE = onnx.TensorProto.DOUBLE
 # Attributes naming an element type the node produces (Cast, EyeLike, RandomNormal..., ConstantOfShape has a value).
@@ -166,6 +170,9 @@ def make_evaluator(model: ModelSource, extra_outputs: Sequence[str]) -> Float64E
     loaded = dataclasses.replace(model, proto=_with_data(model), external_data_dir=None)
     widened = as_float64_model(loaded.with_extra_outputs(tuple(extra_outputs)).proto)
     try:
+        missing = sorted({node.op_type for node in widened.graph.node} & NO_ONNXRUNTIME_FLOAT64)
+        if missing:
+            raise NotImplementedError(f"no float64 kernel for {', '.join(missing)}")
         runner = _onnxruntime_runner(widened)
         engine = "onnxruntime (float64 kernels)"
     except Exception as ort_error:  # a missing double kernel: NOT_IMPLEMENTED at session creation

@@ -22,9 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import zipfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from typing import TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -32,6 +31,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import UsageError
+from bnfold.files.inputs import Declared, read_npz, shown_path
 
 # Input batches a verification compares by default (dynamic dims alternate between two sizes across them).
 DEFAULT_ITERATIONS = 3
@@ -43,6 +43,7 @@ MAX_GENERATED_ELEMENTS = 2**28
 
 Dim = int | str | None  # a fixed size, a dim_param, or an anonymous dynamic dim
 Batch = dict[str, np.ndarray]
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,64 +230,81 @@ def save_inputs(path: str | os.PathLike, batches: Sequence[Mapping[str, np.ndarr
         raise UsageError(f"--save-inputs {path}: cannot write ({error.strerror or error})") from error
 
 
+LOAD_INPUTS_FLAG = "--load-inputs"
+
+
 def load_inputs(path: str | os.PathLike, specs: Sequence[InputSpec]) -> list[Batch]:
     """Read batches saved by :func:`save_inputs` (or one batch keyed by input names) and check them.
 
-    Raises :class:`UsageError` for a missing/unreadable file, missing or unknown inputs, a wrong element type
-    or a shape that contradicts the model's fixed dims. Pickled (object) arrays are refused.
+    Raises :class:`UsageError` for a missing, unreadable or non-regular file (a FIFO is never opened for
+    reading), missing or unknown inputs, a wrong element type or a shape that contradicts the model's fixed
+    dims. The keys, dtypes and shapes are checked on the ``.npy`` headers before any array data is read (see
+    :func:`bnfold.files.inputs.read_npz`: declared sizes are capped, pickles refused, big-endian arrays
+    converted to native byte order).
     """
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            stored = {key: archive[key] for key in archive.files}
-    except FileNotFoundError as error:
-        raise UsageError(f"--load-inputs {path}: no such file") from error
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise UsageError(f"--load-inputs {path}: not a readable .npz file ({error})") from error
-    names = [spec.name for spec in specs]
-    grouped = {0: stored} if set(stored) == set(names) else _group_by_iteration(path, stored, names)
-    batches = []
-    for iteration in sorted(grouped):
-        batch = grouped[iteration]
-        missing = [name for name in names if name not in batch]
-        if missing:
-            raise UsageError(f"--load-inputs {path}: iteration {iteration} lacks input(s) {', '.join(missing)}")
-        batches.append({spec.name: _checked_array(path, spec, batch[spec.name]) for spec in specs})
+    where = f"{LOAD_INPUTS_FLAG} {shown_path(path)}"
+    stored = read_npz(path, LOAD_INPUTS_FLAG, lambda members: _check_declared(where, specs, members))
+    batches = [
+        {spec.name: _as_input(spec, batch[spec.name]) for spec in specs}
+        for _, batch in sorted(_batches_of(where, stored, specs).items())
+    ]
     if not batches:
-        raise UsageError(f"--load-inputs {path}: the file holds no arrays")
+        raise UsageError(f"{where}: the file holds no arrays")
     return batches
 
 
-def _group_by_iteration(path: Path, stored: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[int, Batch]:
-    grouped: dict[int, Batch] = {}
+def _batches_of(where: str, stored: Mapping[str, T], specs: Sequence[InputSpec]) -> dict[int, dict[str, T]]:
+    """Iteration → {input name: value} for the keys of a file; UsageError for bad keys or missing inputs."""
+    names = [spec.name for spec in specs]
+    grouped = {0: dict(stored)} if set(stored) == set(names) else _group_by_iteration(where, stored, names)
+    for iteration, batch in grouped.items():
+        missing = [name for name in names if name not in batch]
+        if missing:
+            raise UsageError(f"{where}: iteration {iteration} lacks input(s) {', '.join(missing)}")
+    return grouped
+
+
+def _group_by_iteration(where: str, stored: Mapping[str, T], names: Sequence[str]) -> dict[int, dict[str, T]]:
+    grouped: dict[int, dict[str, T]] = {}
     for key, array in stored.items():
         prefix, _, name = key.partition("/")
         if not prefix.isdigit() or name not in names:
             raise UsageError(
-                f"--load-inputs {path}: key {key!r} is neither an input name nor '<iteration>/<input name>' "
+                f"{where}: key {key!r} is neither an input name nor '<iteration>/<input name>' "
                 f"(inputs: {', '.join(names)})"
             )
         grouped.setdefault(int(prefix), {})[name] = array
     return grouped
 
 
-def _checked_array(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
-    if spec.dtype == "bfloat16" and array.dtype in (np.uint16, np.dtype("V2")):
-        array = array.view(ml_dtypes.bfloat16)
-    actual = "str" if array.dtype.kind == "U" else array.dtype.name
+def _check_declared(where: str, specs: Sequence[InputSpec], members: Mapping[str, Declared]) -> None:
+    """Keys, element types and shapes from the ``.npy`` headers, before any data is read."""
+    by_name = {spec.name: spec for spec in specs}
+    for batch in _batches_of(where, members, specs).values():
+        for name, (shape, dtype) in batch.items():
+            _check_array(where, by_name[name], shape, dtype)
+
+
+def _check_array(where: str, spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    actual = "str" if dtype.kind == "U" else dtype.name
+    if spec.dtype == "bfloat16" and (actual == "uint16" or dtype == np.dtype("V2")):
+        actual = "bfloat16"  # stored as its bit patterns (numpy cannot store bfloat16)
     if actual != spec.dtype:
-        raise UsageError(f"--load-inputs {path}: input {spec.name!r} must be {spec.dtype}, the file holds {actual}")
+        raise UsageError(f"{where}: input {spec.name!r} must be {spec.dtype}, the file holds {actual}")
     if spec.dims is not None:
-        if array.ndim != len(spec.dims):
+        if len(shape) != len(spec.dims):
             raise UsageError(
-                f"--load-inputs {path}: input {spec.name!r} has shape {list(array.shape)}, the model declares "
-                f"{_shape_text(spec.dims)}"
+                f"{where}: input {spec.name!r} has shape {list(shape)}, the model declares {_shape_text(spec.dims)}"
             )
-        for axis, (size, dim) in enumerate(zip(array.shape, spec.dims, strict=True)):
+        for axis, (size, dim) in enumerate(zip(shape, spec.dims, strict=True)):
             if isinstance(dim, int) and size != dim:
-                raise UsageError(
-                    f"--load-inputs {path}: input {spec.name!r} axis {axis} is {size}, the model fixes it to {dim}"
-                )
+                raise UsageError(f"{where}: input {spec.name!r} axis {axis} is {size}, the model fixes it to {dim}")
+
+
+def _as_input(spec: InputSpec, array: np.ndarray) -> np.ndarray:
+    """The array as the model takes it: bfloat16 bit patterns viewed as bfloat16."""
+    if spec.dtype == "bfloat16" and array.dtype in (np.uint16, np.dtype("V2")):
+        return array.view(ml_dtypes.bfloat16)
     return array
 
 

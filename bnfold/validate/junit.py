@@ -45,7 +45,10 @@ def verify_cases(report: VerifyReport, *, classname: str | None = None) -> tuple
         cases.append(JUnitCase(classname, "interface", failure="; ".join(report.problems)))
     for run, verdict in report.results():
         per_output_time = run.elapsed_s / max(len(report.outputs), 1)
-        judgements = {judgement.name: judgement for judgement in verdict.outputs}
+        # the judgements that decided: the float64 rule's when it was applied (see ProviderVerdict.basis)
+        deciding = verdict.float64_outputs if verdict.basis == "float64" else verdict.outputs
+        judgements = {judgement.name: judgement for judgement in deciding}
+        outputs_pass = all(judgement.verdict is not Verdict.FAILED for judgement in deciding)
         metrics = {metric.name: metric for metric in run.outputs}
         for output in report.outputs:
             name = f"{run.requested}/{output}"
@@ -61,6 +64,8 @@ def verify_cases(report: VerifyReport, *, classname: str | None = None) -> tuple
                 failure = "; ".join(judgement.reasons)
                 if verdict.responsible:
                     failure += f"; first divergent fold: {verdict.responsible}"
+            elif verdict.verdict is Verdict.FAILED and outputs_pass:  # a fold diverges that the outputs hide
+                failure = "; ".join(verdict.reasons)
             errors = metrics[output].errors
             details = None
             if errors is not None:

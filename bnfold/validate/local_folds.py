@@ -7,15 +7,16 @@ the whole network is compared. Cut out, a fold is a shallow computation: ``Conv'
 the verification's inputs). Their float32 rounding is ~1e-7 relative; a wrong fold is off by its own error,
 whatever came before it.
 
-:func:`fold_inputs` finds, for probed tensor ``P``, the non-constant inputs of the candidate node producing
-``P``; :func:`sub_model` cuts the nodes computing ``P`` from those inputs out of a model (it returns ``None``
-when ``P`` needs anything else, e.g. another graph input: then that fold is judged in the whole network).
+:func:`fold_inputs` finds, for probed tensor ``P``, where the fold begins (the tensors both models compute
+identically); :func:`sub_model` cuts the nodes computing ``P`` from those inputs out of a model (it returns ``None``
+when ``P`` needs anything else, e.g. another graph input: then that fold is named in the report's note and
+only the outputs decide).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -28,17 +29,80 @@ def _constants(graph: onnx.GraphProto) -> set[str]:
     return {tensor.name for tensor in graph.initializer}
 
 
-def fold_inputs(candidate: ModelSource, tensor: str) -> tuple[str, ...] | None:
-    """The non-initializer inputs of the candidate's main-graph node producing ``tensor`` (``None``: none)."""
+def shared_tensors(candidate: ModelSource, original: ModelSource, boundaries: Iterable[str]) -> set[str]:
+    """The candidate's main-graph tensors that stand for the same values in the original: graph inputs, the
+    fold ``boundaries`` (each fold's output keeps the BN's output name and, by the fold's contract, its
+    values: each is checked by its own cut), and outputs of nodes identical in both models (same op, inputs,
+    attributes and constant inputs) whose every input is itself shared. Graph order is topological, so one
+    pass decides."""
     graph = candidate.proto.graph
-    constants = _constants(graph)
+    constants = {initializer.name: initializer for initializer in graph.initializer}
+    original_graph = original.proto.graph
+    original_constants = {initializer.name: initializer for initializer in original_graph.initializer}
+    original_producers = {name: node for node in original_graph.node for name in node.output if name}
+    original_inputs = {value.name for value in original_graph.input}
+    shared = {value.name for value in graph.input if value.name in original_inputs} - set(constants)
+    original_tensors = set(original_producers) | original_inputs
+    shared.update(name for name in boundaries if name in original_tensors)
     for node in graph.node:
-        if tensor in node.output:
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-                return None
-            names = tuple(dict.fromkeys(name for name in node.input if name and name not in constants))
-            return names or None
-    return None
+        first = next((name for name in node.output if name), None)
+        inputs_shared = all(not name or name in constants or name in shared for name in node.input)
+        if (
+            first is not None
+            and inputs_shared
+            and _same_node(node, constants, original_producers.get(first), original_constants)
+        ):
+            shared.update(name for name in node.output if name)
+    return shared
+
+
+def fold_inputs(candidate: ModelSource, tensor: str, shared: set[str]) -> tuple[str, ...] | None:
+    """Where the fold producing ``tensor`` in the candidate begins: walking back from ``tensor`` through the
+    candidate, the first :func:`shared_tensors`. Every node in between was changed by the fold (a folded
+    MatMul and its bias Add keep their output names, not their values; a forward fold changes everything
+    from the removed BN to the absorbing layer). ``None``: nothing to cut (a subgraph on the way, or no
+    shared tensor reached)."""
+    graph = candidate.proto.graph
+    constants = {initializer.name for initializer in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output if name}
+    frontier: list[str] = []
+    stack, seen = [tensor], set()
+    while stack:
+        name = stack.pop()
+        if not name or name in seen or name in constants:
+            continue
+        seen.add(name)
+        if name in shared and name != tensor:
+            frontier.append(name)
+            continue
+        node = producers.get(name)
+        if node is None:  # a graph input the original does not have
+            return None
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        stack.extend(node.input)
+    return tuple(dict.fromkeys(frontier)) or None
+
+
+def _same_node(
+    node: onnx.NodeProto,
+    constants: Mapping[str, onnx.TensorProto],
+    other: onnx.NodeProto | None,
+    other_constants: Mapping[str, onnx.TensorProto],
+) -> bool:
+    """The same computation in both models: op, inputs, outputs, attributes and every constant input."""
+    if other is None or (node.op_type, node.domain) != (other.op_type, other.domain):
+        return False
+    if list(node.input) != list(other.input) or list(node.output) != list(other.output):
+        return False
+    if [a.SerializeToString() for a in node.attribute] != [a.SerializeToString() for a in other.attribute]:
+        return False
+    for name in node.input:
+        if (name in constants) != (name in other_constants):
+            return False
+        if name in constants and constants[name].SerializeToString() != other_constants[name].SerializeToString():
+            return False
+    return True
 
 
 def sub_model(

@@ -17,8 +17,7 @@ import onnx_ir as ir
 
 from bnfold.errors import InvalidModelError, UsageError
 from bnfold.files.checks import check_external_data, check_model_proto, iter_tensor_protos
-
-ModelInput = str | os.PathLike | onnx.ModelProto | ir.Model
+from bnfold.files.load import ModelInput
 
 
 @dataclasses.dataclass(frozen=True)

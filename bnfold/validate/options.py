@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from bnfold.validate.inputs import DEFAULT_ITERATIONS
@@ -44,6 +44,7 @@ class VerifyOptions:
     load_inputs: str | None = None
     save_inputs: str | None = None
     cuda_tf32: bool = False
+    timeout_s: float | None = None
 
     def tolerances(self) -> ToleranceTable:
         """The default table with :attr:`atol`/:attr:`rtol` applied."""
@@ -66,8 +67,9 @@ def verify_with(
     *,
     probes: Mapping[str, str] | None = None,
     candidate_label: str | os.PathLike | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> VerifyReport:
-    """Run :func:`bnfold.validate.verify` under ``options``.
+    """Run :func:`bnfold.validate.verify` under ``options`` (``progress``: see :func:`~bnfold.validate.verify`).
 
     ``candidate_label`` names the candidate in the report (e.g. the final output path when ``candidate`` is
     a staged temporary file).
@@ -88,6 +90,8 @@ def verify_with(
         cuda_tf32=options.cuda_tf32,
         require_provider=options.require_provider,
         probes=probes,
+        timeout_s=options.timeout_s,
+        progress=progress,
     )
     if candidate_label is None:
         return report

@@ -367,8 +367,8 @@ def _with_probes(
     cuda_tf32: bool,
     clock: _Clock,
 ) -> tuple[ProviderRun, _Probed | None]:
-    """Measure each probed tensor (original on CPU vs candidate on the run's provider); also return the
-    arrays (kept for the float64 step)."""
+    """Measure each probed tensor (original on CPU vs candidate on the run's provider); also return what the
+    float64 stage needs to know of them (names, labels, order, element types; not the arrays)."""
     reference_order = reference_model.node_outputs()
     candidate_tensors = set(candidate_model.node_outputs()) | set(candidate_model.output_names())
     present = tuple(name for name in probes if name in reference_order and name in candidate_tensors)
@@ -394,18 +394,16 @@ def _with_probes(
         ProbeMetrics(label=probes[name], order=reference_order[name], metrics=metrics)
         for name, metrics in zip(present, measured, strict=True)
     )
-    probed = _Probed({name: (probes[name], reference_order[name]) for name in present}, references, candidates)
+    probed = _Probed({name: (probes[name], reference_order[name], _dtype(references[0][name])) for name in present})
     return dataclasses.replace(run, probes=probe_metrics, probe_note=note), probed
 
 
 @dataclasses.dataclass(frozen=True)
 class _Probed:
-    """The probed tensors' arrays: ``names`` maps each to ``(label, order)``; per iteration, the original's
-    (CPU) and the candidate's values."""
+    """The probed tensors that both models produce: ``names`` maps each to ``(label, order, element type)``.
+    (Their arrays are not kept: the float64 stage re-runs each fold on its own.)"""
 
-    names: Mapping[str, tuple[str, int]]
-    references: Outputs
-    candidates: Outputs
+    names: Mapping[str, tuple[str, int, str]]
 
 
 class _Float64Truth:
@@ -458,9 +456,7 @@ class _Float64Truth:
         if probed is not None:
             probes, probe_note = self._folds(candidate_model, probed, provider, cuda_tf32)
             note = "; ".join(part for part in (note, probe_note) if part) or None
-        return dataclasses.replace(
-            base, outputs=outputs, probes=probes, note=note, elapsed_s=round(self._spent(), 4)
-        )
+        return dataclasses.replace(base, outputs=outputs, probes=probes, note=note, elapsed_s=round(self._spent(), 4))
 
     def _whole_model(self) -> tuple[Float64Check, Outputs]:
         if self._outputs is None:
@@ -499,20 +495,22 @@ class _Float64Truth:
     ) -> tuple[tuple[TruthMetrics, ...], str | None]:
         """Each probed fold on its own (or, when it cannot be cut out, in the whole network)."""
         cut = {}
+        shared = local_folds.shared_tensors(candidate_model, self.model, probed.names)
         for name in probed.names:
-            inputs = local_folds.fold_inputs(candidate_model, name)
+            inputs = local_folds.fold_inputs(candidate_model, name, shared)
             if inputs is not None:
                 cut[name] = inputs
-        fold_inputs = tuple(dict.fromkeys(name for inputs in cut.values() for name in inputs))
+        batch = self.batches[0]  # a fold is an identity: one batch (of many positions) tests it
+        computed = tuple(dict.fromkeys(name for inputs in cut.values() for name in inputs if name not in batch))
         try:
-            session = make_session(self.model.with_extra_outputs(fold_inputs), CPU)
-            feeds = [session.run(self.batches[0], fold_inputs)]  # a fold is an identity: one batch tests it
+            session = make_session(self.model.with_extra_outputs(computed), CPU)
+            feeds = [{**session.run(batch, computed), **batch}]
         except Exception as error:
             return (), f"folds not measured against float64: {one_line(error)}"
         results = []
         whole_network = []
         total = len(probed.names)
-        for done, (name, (label, order)) in enumerate(probed.names.items(), start=1):
+        for done, (name, (label, order, dtype)) in enumerate(probed.names.items(), start=1):
             measured = None
             if name in cut and self._spent() <= self.limits.time_budget_s:
                 measured = self._fold(candidate_model, name, cut[name], feeds, provider, cuda_tf32)
@@ -520,7 +518,6 @@ class _Float64Truth:
                 whole_network.append(label)
                 continue
             original, candidate = measured
-            dtype = _dtype(probed.references[0][name])
             results.append(TruthMetrics(name, dtype, original, candidate, label=label, order=order, scope="fold"))
             self.clock.tick("float64 folds", done, total)
         note = None
@@ -552,7 +549,7 @@ class _Float64Truth:
             truth = [evaluator.run(feed, (name,)) for feed in local_feeds]
             originals = [original_session.run(feed, [name]) for feed in local_feeds]
             candidates = [candidate_session.run(feed, [name]) for feed in local_feeds]
-        except Exception:  # e.g. an op neither float64 engine runs: this fold is judged in the whole network
+        except Exception:  # e.g. an op neither float64 engine runs: this fold is named in the note
             return None
         return _compare([name], truth, originals)[0], _compare([name], truth, candidates)[0]
 

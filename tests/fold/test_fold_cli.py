@@ -108,7 +108,7 @@ def test_output_naming_the_inputs_external_data_file_is_a_usage_error(tmp_path, 
     before = _files(tmp_path)
     assert main([str(source), "-o", str(tmp_path / spelling), "--no-verify", "-q"]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("bnfold: error:") and "which the model is read from" in error and "\n" not in error
+    assert error.startswith("bnfold: error:") and "a file the model is read from" in error and "\n" not in error
     assert _files(tmp_path) == before  # input and its data untouched, no output, no staging directory left
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,10 @@ import pytest
 from fold_builders import ConvBN, op_types
 
 from bnfold.cli import main
-from bnfold.errors import ExitCode
+from bnfold.errors import ExitCode, UsageError
 from bnfold.files import serialize
+from bnfold.validate.options import VerifyOptions
+from bnfold.workflow import FoldOptions, fold_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,3 +118,31 @@ def test_keep_failed_keeps_the_candidate_in_both_modes(tmp_path: Path, capsys: p
     assert single_code == batch_code == ExitCode.FAILED
     assert sorted(_files(single)) == sorted(_files(batch)) == ["a.failed.onnx"]
     assert report["models"][0]["kept_failed"] == str(batch / "a.failed.onnx")
+
+
+def test_fold_file_is_the_library_workflow(tmp_path: Path) -> None:
+    source, output = tmp_path / "a.onnx", tmp_path / "out.onnx"
+    onnx.save(ConvBN().build(), source)
+    outcome = fold_file(source, output, FoldOptions(), VerifyOptions(providers=("cpu",)))
+    assert outcome.exit_code == ExitCode.OK and outcome.written == str(output)
+    assert len(outcome.report.folded) == 1 and outcome.verify_verdict == "passed"
+    assert outcome.size_before == source.stat().st_size and outcome.size_after == output.stat().st_size
+    assert op_types(onnx.load(output)) == ["Conv"]
+    detached = pickle.loads(pickle.dumps(outcome.detached()))  # what a batch worker sends back
+    assert detached.verification is None and detached.to_dict() == outcome.to_dict()
+
+
+def test_fold_options_refuse_an_unknown_rule_before_any_model_is_read() -> None:
+    with pytest.raises(UsageError, match="unknown rule"):
+        FoldOptions(only=("conv", "no_such_rule"))
+    with pytest.raises(UsageError, match="not a single string"):
+        FoldOptions(skip="conv")
+
+
+def test_fold_file_never_keeps_a_failed_model_over_its_input(tmp_path: Path) -> None:
+    source = tmp_path / "x.failed.onnx"
+    onnx.save(ConvBN().build(), source)
+    before = source.read_bytes()
+    with pytest.raises(UsageError, match="--keep-failed"):
+        fold_file(source, tmp_path / "x.onnx", keep_failed=source)
+    assert source.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["x.failed.onnx"]

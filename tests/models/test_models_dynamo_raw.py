@@ -67,6 +67,9 @@ def test_folds_every_conv_bn_of_raw_dynamo_export(zoo, name: str) -> None:
     assert count_ops(folded, "Expand") == expands - 2 * chains
     assert count_ops(folded, "CastLike") == cast_likes - chains
     assert report.nodes_after <= report.nodes_before - batch_norms - 4 * chains
+    # The folded weights keep their names although Shape(W) also read them (it reads the shape only).
+    conv_weights = {node.inputs[1].name for node in original.graph if node.op_type == "Conv"}
+    assert conv_weights == {node.inputs[1].name for node in folded.graph if node.op_type == "Conv"}
 
     folded_proto = ir.to_proto(folded)
     onnx.checker.check_model(folded_proto, full_check=True)

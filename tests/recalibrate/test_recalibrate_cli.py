@@ -101,7 +101,7 @@ def test_bad_data_is_a_one_line_usage_error(tmp_path: Path, capsys) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = {
-        wrong_key: f"batch 0 ({wrong_key}): missing input(s) input; unknown key(s) image (model inputs: input)",
+        wrong_key: f"--data {wrong_key}: missing input(s) input; unknown key(s) image (model inputs: input)",
         not_npz: f"--data {not_npz}: not a readable .npz file",
         empty: f"--data {empty}: the directory holds no .npz file",
         tmp_path / "missing": "no such file or directory",

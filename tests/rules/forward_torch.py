@@ -32,20 +32,29 @@ def randomise_batch_norms(net) -> None:
                 module.bias.uniform_(-1, 1)
 
 
-def export(net, example, exporter: str) -> onnx.ModelProto:
+def export(net, example, exporter: str, dynamic_batch: bool = False) -> onnx.ModelProto:
+    """``net`` exported with its input's dimension 0 fixed, or named ``N`` when ``dynamic_batch``."""
     import torch
 
     net.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            return torch.onnx.export(net, (example,), dynamo=True, optimize=False, verbose=False).model_proto
+            dynamic = ({0: torch.export.Dim("N")},) if dynamic_batch else None
+            program = torch.onnx.export(net, (example,), dynamo=True, optimize=False, dynamic_shapes=dynamic)
+            return program.model_proto
         buffer = io.BytesIO()
-        torch.onnx.export(net, (example,), buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE)
+        axes = {"x": {0: "N"}} if dynamic_batch else None
+        preserve = torch.onnx.TrainingMode.PRESERVE
+        torch.onnx.export(
+            net, (example,), buffer, dynamo=False, training=preserve, input_names=["x"], dynamic_axes=axes
+        )
         return onnx.load_from_string(buffer.getvalue())
 
 
-def fold_torch(net, example, exporter: str, expected: list[tuple[str, bool]]) -> onnx.ModelProto:
+def fold_torch(
+    net, example, exporter: str, expected: list[tuple[str, bool]], dynamic_batch: bool = False
+) -> onnx.ModelProto:
     """Export ``net``, fold it, and check the ``(rule, folded)`` records, the BN count and the numerics.
 
     The folded model is compared with the exported one (onnxruntime, optimisations off) and with torch itself.
@@ -53,7 +62,7 @@ def fold_torch(net, example, exporter: str, expected: list[tuple[str, bool]]) ->
     import torch
 
     randomise_batch_norms(net)
-    original = export(net, example, exporter)
+    original = export(net, example, exporter, dynamic_batch)
     assert op_types(original).count("BatchNormalization") == len(expected)
     folded, report = fold_proto(original)
     assert [(record.rule, record.folded) for record in report.records] == expected, report.records

@@ -192,6 +192,42 @@ def test_folds_face_recognition_head_forward_and_backward():
     assert_equivalent(original, folded)
 
 
+def batch_size_target(
+    model: onnx.ModelProto, read: str, index: int = 0, reshape_name: str = "step0", symbolic: bool = True
+) -> None:
+    """Make the Reshape read its target as ``Concat(Unsqueeze(Gather(Shape(read), index)), [-1])``; with
+    ``symbolic``, the batch dimension is named ``N``."""
+    if symbolic:
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+        model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    reshape = next(node for node in model.graph.node if node.name == reshape_name)
+    position = list(model.graph.node).index(reshape)
+    model.graph.initializer.extend([helper.make_tensor("index", onnx.TensorProto.INT64, [], [index])])
+    model.graph.initializer.extend([helper.make_tensor("zero_axis", onnx.TensorProto.INT64, [1], [0])])
+    model.graph.initializer.extend([helper.make_tensor("rest", onnx.TensorProto.INT64, [1], [-1])])
+    nodes = [
+        helper.make_node("Shape", [read], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "index"], ["batch"], name="gather", axis=0),
+        helper.make_node("Unsqueeze", ["batch", "zero_axis"], ["batch_1d"], name="unsqueeze"),
+        helper.make_node("Concat", ["batch_1d", "rest"], ["target"], name="concat", axis=0),
+    ]
+    for offset, node in enumerate(nodes):
+        model.graph.node.insert(position + offset, node)
+    reshape.input[1] = "target"
+    onnx.checker.check_model(model, full_check=True)
+
+
+@pytest.mark.parametrize("read", ["bn_out", "p0", "r"], ids=["bn_output", "path_value", "bn_input"])
+def test_folds_across_reshape_to_the_runtime_batch_size(read):
+    """TorchScript's ``x.view(x.size(0), -1)`` with a dynamic batch: Shape may read BN's output."""
+    original = bn_path([step("Identity"), step("Reshape", shape=ints(0, -1))], FLAT)
+    batch_size_target(original, read, reshape_name="step1")
+    folded, report = fold_proto(original)
+    assert_folded(only_record(report), "forward_gemm")
+    assert "BatchNormalization" not in op_types(folded)
+    assert_equivalent(original, folded)
+
+
 # -- negative ------------------------------------------------------------------------------------------------
 
 
@@ -278,6 +314,13 @@ def test_skips_when_dropout_mask_is_read():
     assert_equivalent(original, fold_proto(original)[0])
 
 
+def test_skips_when_runtime_reshape_target_reads_another_dimension():
+    """Target ``[C, -1]`` (index 1 of the shape): the Gemm reads ``[C, N·H·W]``, rows mixing batch and channels."""
+    original = bn_path([step("Reshape", shape=ints(C, -1))], N * H * W, out_shape=[C, F])
+    batch_size_target(original, "bn_out", index=1, symbolic=False)  # (the same target, computed at run time)
+    assert_skipped_across(original, SkipReason.RESHAPE_NOT_FLATTEN, producer="Gemm")
+
+
 def test_skips_when_reduce_mean_averages_channels():
     steps = [step("ReduceMean", {"axes": [1], "keepdims": 0}), step("Flatten")]
     original = bn_path(steps, H * W)
@@ -298,6 +341,19 @@ def test_folds_torch_conv_relu_batchnorm2d_flatten_linear(exporter):
     torch = torch_or_skip()
     net = conv_head(torch, [torch.nn.Flatten()])
     fold_torch(net, torch.randn(2, 3, 8, 8), exporter, [("forward_gemm", True)])
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_folds_torch_view_with_a_dynamic_batch(exporter):
+    """``y.view(y.size(0), -1)`` exported with a named batch dimension (TorchScript: Shape → Gather → Concat)."""
+    torch = torch_or_skip()
+
+    class View(torch.nn.Module):
+        def forward(self, x):
+            return x.view(x.size(0), -1)
+
+    net = conv_head(torch, [View()])
+    fold_torch(net, torch.randn(2, 3, 8, 8), exporter, [("forward_gemm", True)], dynamic_batch=True)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

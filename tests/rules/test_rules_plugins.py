@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +15,7 @@ from rules_helpers import assert_equivalent, bn_arrays, bn_node, io, make_model,
 
 import bnfold
 from bnfold.passes import DEFAULT_RULES, FoldBatchNormPass, rule_names, select_rules
+from bnfold.passes.rule import ForwardFoldRule
 from bnfold.report import FoldStatus
 
 F32 = np.float32
@@ -37,13 +39,24 @@ def gemm_and_conv_model() -> onnx.ModelProto:
     return make_model(nodes, inputs, [io("Y", F32, [1, 4, 4, 4]), io("Z", F32, [2, 5])], arrays)
 
 
-def test_rule_names_list_every_rule_in_order():
-    assert rule_names() == ("conv", "conv_transpose", "gemm", "matmul", "forward_conv")
-    assert [rule.name for rule in select_rules(DEFAULT_RULES, skip=["conv", "matmul"])] == [
-        "conv_transpose",
-        "gemm",
-        "forward_conv",
-    ]
+def test_every_rule_has_its_own_module_and_a_unique_name():
+    # A newcomer finds any rule from the file list alone: rule ``x`` lives in ``passes/x.py``.
+    names = rule_names()
+    assert len(set(names)) == len(names), names
+    passes_dir = Path(bnfold.passes.__file__).parent
+    assert [name for name in names if not (passes_dir / f"{name}.py").is_file()] == []
+    assert {"conv", "conv_transpose", "gemm", "matmul", "forward_conv"} <= set(names)
+
+
+def test_backward_rules_come_before_forward_rules():
+    kinds = [isinstance(rule, ForwardFoldRule) for rule in DEFAULT_RULES]
+    assert kinds == sorted(kinds), rule_names()
+
+
+def test_rule_selection_keeps_registry_order():
+    skipped = [rule.name for rule in select_rules(DEFAULT_RULES, skip=["conv", "matmul"])]
+    assert skipped == [name for name in rule_names() if name not in ("conv", "matmul")]
+    assert "conv_transpose" in skipped and "forward_conv" in skipped
     assert [rule.name for rule in select_rules(DEFAULT_RULES, only=["forward_conv", "gemm"])] == [
         "gemm",
         "forward_conv",

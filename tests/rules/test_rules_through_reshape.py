@@ -216,6 +216,25 @@ def test_folds_gemm_reshaped_to_a_one_pixel_map():
     assert_equivalent(original, folded, np.float32)
 
 
+def runtime_target_reshape(record_output_shape: bool) -> onnx.ModelProto:
+    """``Conv [2, 4, 3, 4] → Reshape(target fed at run time) → BN``; the output shape recorded or not."""
+    original = conv_reshape_bn(target=[2, 4, 12])
+    original.graph.initializer.remove(next(i for i in original.graph.initializer if i.name == "target"))
+    original.graph.input.append(io("target", np.int64, [3]))
+    if record_output_shape:
+        original.graph.value_info.append(io("r", np.float32, [2, 4, 12]))
+    return original
+
+
+def test_folds_when_a_runtime_reshape_target_has_a_recorded_output_shape():
+    original = runtime_target_reshape(record_output_shape=True)
+    folded, report = fold_proto(original)
+    assert_folded(only_record(report), "conv")
+    assert_equivalent(
+        original, folded, np.float32, {"X": np.ones((2, 3, 3, 4), np.float32), "target": np.array([2, 4, 12])}
+    )
+
+
 # -- negative cases ------------------------------------------------------------------------------------------
 
 
@@ -241,6 +260,13 @@ def test_skips_when_the_reshape_cannot_be_proven_to_keep_the_channel():
     # [n, 3, h, w] → [0, 4, -1] keeps the channel, but [-1, 4, 12] with an unknown batch and unknown spatial
     # size can not be told apart from a reshape that mixes: nothing is known after the channel.
     original = conv_reshape_bn(target=[-1, 4, 12], batch="n", spatial=("h", "w"))
+    folded, report = fold_proto(original)
+    assert_skipped(only_record(report), SkipReason.RESHAPE_MIXES_CHANNEL)
+    assert_untouched(original, folded)
+
+
+def test_skips_when_a_runtime_reshape_target_leaves_the_output_shape_unknown():
+    original = runtime_target_reshape(record_output_shape=False)
     folded, report = fold_proto(original)
     assert_skipped(only_record(report), SkipReason.RESHAPE_MIXES_CHANNEL)
     assert_untouched(original, folded)

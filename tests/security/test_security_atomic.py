@@ -20,6 +20,7 @@ import pytest
 from security_support import REPO_ROOT, conv_bn_model, snapshot, with_external_data, write_model
 
 from bnfold.cli import _available_commands
+from bnfold.errors import ExitCode
 from fuzz import seeds
 
 
@@ -42,6 +43,7 @@ def test_writer_failure_leaves_previous_output_and_no_debris(
 ) -> None:
     source, output, previous = source_and_previous_output
     from bnfold.files import serialize
+
     real_write = serialize.write_model
 
     def write_half_then_fail(model, path, data=None):
@@ -52,8 +54,9 @@ def test_writer_failure_leaves_previous_output_and_no_debris(
     monkeypatch.setattr(serialize, "write_model", write_half_then_fail)
     before = snapshot(source.parent)
     result = run_cli("fold", source, "-o", output, "--no-verify")
-    assert result.code == 1
+    assert result.code == ExitCode.WRITE_FAILED
     assert result.stderr_lines == [line for line in result.stderr_lines if "No space left on device" in line]
+    assert f"{output}: cannot write" in result.stderr  # the path given, not the hidden staging file
     assert len(result.stderr_lines) == 1 and "Traceback" not in result.stderr
     assert output.read_bytes() == previous
     assert snapshot(source.parent) == before  # no staged files left, input untouched
@@ -71,7 +74,7 @@ def test_failed_rename_leaves_previous_output_and_no_debris(
     monkeypatch.setattr(os, "rename", refuse)
     before = snapshot(source.parent)
     result = run_cli("fold", source, "-o", output, "--no-verify")
-    assert result.code == 1, result.stderr
+    assert result.code == ExitCode.WRITE_FAILED, result.stderr
     assert len(result.stderr_lines) == 1 and "Input/output error" in result.stderr
     assert output.read_bytes() == previous
     assert snapshot(source.parent) == before
@@ -87,7 +90,7 @@ def test_failed_write_of_new_output_leaves_nothing(run_cli, monkeypatch: pytest.
 
     monkeypatch.setattr(serialize, "write_model", fail)
     result = run_cli("fold", source, "-o", tmp_path / "new.onnx", "--no-verify")
-    assert result.code == 1
+    assert result.code == ExitCode.WRITE_FAILED
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx"]
 
 

@@ -44,7 +44,12 @@ PROFILE = settings(
 )
 
 # What a well-formed model with extreme statistics may legitimately be skipped for.
-EXPECTED_SKIPS = {SkipReason.FOLDED_WEIGHTS_NOT_FINITE, SkipReason.FOLDED_WEIGHTS_OVERFLOW}
+# Extreme statistics (a zero variance with a large mean) may also trip the precision guard: a named skip too.
+EXPECTED_SKIPS = {
+    SkipReason.FOLDED_WEIGHTS_NOT_FINITE,
+    SkipReason.FOLDED_WEIGHTS_OVERFLOW,
+    SkipReason.FOLD_LOSES_PRECISION,
+}
 RTOL = {"float64": 1e-10, "float32": 3e-5, "float16": 8e-3}
 OPSET = 17
 

@@ -221,28 +221,28 @@ DATA_CASES: dict[str, tuple[Callable[[Path], Path], int, str]] = {
     # what recalibrate accepts: an .npz file, or a directory of them
     "missing_file": (missing_data, 2, "absent.npz: no such file or directory"),
     "directory_without_npz": (empty_data_directory, 2, "the directory holds no .npz file"),
-    "empty_file": (_raw("empty.npz", b""), 2, "not a readable .npz file (no zip archive header)"),
+    "empty_file": (_raw("empty.npz", b""), 2, "not a readable .npz file (the file is empty)"),
     "random_bytes": (_raw("random.npz", random.Random(3).randbytes(4096)), 2, "no zip archive header"),
     "plain_npy": (_raw("plain.npy", _npy_bytes(GOOD_X)), 2, "plain.npy: not a readable .npz file (no zip"),
     "truncated_npz": (truncated_npz, 2, "not a readable .npz file (File is not a zip file)"),
     "corrupt_member": (_zip("corrupt.npz", {"X.npy": b"\x93NUMPY garbage"}), 2, "not a readable .npz file"),
-    "huge_declared_shape": (_zip("huge.npz", {"X.npy": _huge_header()}), 2, "Unable to allocate"),
+    "huge_declared_shape": (_zip("huge.npz", {"X.npy": _huge_header()}), 2, "has rank 2, the model takes rank 4"),
     "encrypted_member": (_zip("locked.npz", {"X.npy": _npy_bytes(GOOD_X)}, encrypted=True), 2, "password"),
     "no_arrays": (_npz("nothing.npz"), 2, "nothing.npz: the file holds no arrays"),
-    "not_an_array_member": (_zip("bytes.npz", {"X": b"abc"}), 2, "input 'X' is bytes24, the model takes float32"),
+    "not_an_array_member": (_zip("bytes.npz", {"X": b"abc"}), 2, "member 'X' is not an .npy array"),
     # pickles: refused, never unpickled
-    "pickled_object_array_npz": (pickled_object_array_npz, 2, "Object arrays cannot be loaded when allow_pickle=False"),
+    "pickled_object_array_npz": (pickled_object_array_npz, 2, "holds Python objects; pickles are refused"),
     "pickled_object_array_npy": (pickled_object_array_npy, 2, "object.npy: not a readable .npz file"),
     "plain_pickle": (plain_pickle, 2, "pickle.npz: not a readable .npz file (no zip archive header)"),
     # arrays that do not fit the model
     "wrong_input_name": (_npz("named.npz", Z=GOOD_X), 2, "missing input(s) X; unknown key(s) Z (model inputs: X)"),
     "extra_key": (_npz("extra.npz", X=GOOD_X, Y=GOOD_X), 2, "unknown key(s) Y (model inputs: X)"),
-    "wrong_rank": (_npz("rank.npz", X=GOOD_X[0]), 2, "Invalid rank for input: X Got: 3 Expected: 4"),
-    "wrong_shape": (_npz("shape.npz", X=np.ones((1, 3, 5, 5), np.float32)), 2, "invalid dimensions for input: X"),
+    "wrong_rank": (_npz("rank.npz", X=GOOD_X[0]), 2, "input 'X' has rank 3, the model takes rank 4"),
+    "wrong_shape": (_npz("shape.npz", X=np.ones((1, 3, 5, 5), np.float32)), 2, "axis 1 is 3, the model fixes it to 4"),
     "float64": (_npz("f64.npz", X=GOOD_X.astype(np.float64)), 2, "input 'X' is float64, the model takes float32"),
     "int32": (_npz("i32.npz", X=GOOD_X.astype(np.int32)), 2, "input 'X' is int32, the model takes float32"),
-    "zero_samples": (_npz("zero.npz", X=np.ones((0, 4, 5, 5), np.float32)), 2, "index: 0 Got: 0 Expected: 1"),
-    "second_batch_broken": (second_batch_broken, 2, "batch 1 ("),
+    "zero_samples": (_npz("zero.npz", X=np.ones((0, 4, 5, 5), np.float32)), 2, "axis 0 is 0, the model fixes it to 1"),
+    "second_batch_broken": (second_batch_broken, 2, "b.npz: input 'X' is float64, the model takes float32"),
     # values: statistics that are not finite are never written (exit 1, documented)
     "nan": (_npz("nan.npz", X=np.full_like(GOOD_X, np.nan)), 1, "the measured statistics are not finite"),
     "inf": (_npz("inf.npz", X=np.full_like(GOOD_X, np.inf)), 1, "the measured statistics are not finite"),
@@ -407,7 +407,7 @@ def test_failed_save_leaves_no_output_and_no_staging(run_cli, monkeypatch: pytes
     model = workdir / "model.onnx"
     before = snapshot(workdir)
     result = _recalibrate(run_cli, model, workdir / "good.npz", workdir / "out.onnx")
-    assert result.code == ExitCode.FAILED
+    assert result.code == ExitCode.WRITE_FAILED
     assert len(result.stderr_lines) == 1 and "No space left on device" in result.stderr_lines[0]
     assert "Traceback" not in result.stderr
     assert snapshot(workdir) == before

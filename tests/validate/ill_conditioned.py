@@ -27,7 +27,7 @@ from models.export import Exporter, export_model
 from models.mobilenet import InvertedResidualConfig, MobileNet
 from models.resnet import Bottleneck, ResNet, conv_bn
 
-SAMPLE_SHAPE = (3, 32, 32)
+SAMPLE_SHAPE = (3, 16, 16)
 
 
 def _extreme_statistics(model: nn.Module, seed: int) -> nn.Module:
