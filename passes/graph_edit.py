@@ -138,9 +138,12 @@ class TensorWriter:
             return False
         if value.is_graph_input() and not self._legacy_initializer_inputs:
             return False
+        uses = [(use.node, use.idx) for use in value.uses()]
+        if not any(_reads_shape_only(reader) for reader, _ in uses):  # (the common case: no layout to compare)
+            return uses == [(node, index)]
         old = value.const_value
         same_layout = old is not None and tuple(old.shape) == data.shape and old.dtype == dtype
-        readers = [(use.node, use.idx) for use in value.uses() if not (same_layout and _reads_shape_only(use.node))]
+        readers = [(reader, idx) for reader, idx in uses if not (same_layout and _reads_shape_only(reader))]
         return readers == [(node, index)]
 
     @staticmethod

@@ -1,10 +1,12 @@
-"""Model files: loading (checks, lazy wire-level reads), atomic staged writes and the streaming writer.
+"""Files: loading models (checks, lazy wire-level reads), input data, the output plan, atomic staged writes.
 
 Modules, lowest first: :mod:`~bnfold.files.paths` (path identity, output names), :mod:`~bnfold.files.wire`
 (protobuf wire format), :mod:`~bnfold.files.checks` (what a model must satisfy before anything reads it),
-:mod:`~bnfold.files.load`, :mod:`~bnfold.files.writer` (threaded writer, data file),
-:mod:`~bnfold.files.serialize` (model → file without one whole protobuf), :mod:`~bnfold.files.staging`
-(write beside the destination, commit by rename). This package knows nothing of folding or verification.
+:mod:`~bnfold.files.inputs` (``--data``/``--load-inputs`` files), :mod:`~bnfold.files.load`,
+:mod:`~bnfold.files.output_plan` (every path a command writes, checked before the first write),
+:mod:`~bnfold.files.writer` (threaded writer, data file), :mod:`~bnfold.files.serialize` (model → file without
+one whole protobuf), :mod:`~bnfold.files.staging` (write beside the destination, commit by rename). This
+package knows nothing of folding or verification (:mod:`bnfold.workflow` puts them together).
 """
 
 from __future__ import annotations
