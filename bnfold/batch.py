@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from bnfold.validate.options import VerifyOptions
 
 # What the worker server imports before forking workers; the verifier's modules only when a run verifies.
-WORKFLOW_MODULES = ("bnfold.workflow",)
+WORKFLOW_MODULES = ("bnfold.batch", "bnfold.workflow")
 VERIFY_MODULES = ("bnfold.validate.options", "bnfold.validate.verifier")
 
 

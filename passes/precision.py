@@ -60,7 +60,9 @@ Estimated for backward folds whose weight update scales ``W`` per channel (``Ten
 Conv, Gemm, MatMul); other plans (ConvTranspose, forward folds) get no estimate (``None``) and are not
 guarded. The weight norms are sums of squares of the original (un-multiplied) weight; a weight of more than
 ``NORM_SAMPLE_ELEMENTS`` elements is sampled at a stride along a reduced axis (the norm is rescaled), so the
-estimate never materialises a large planned weight and costs a bounded amount per BN.
+estimate never materialises a large planned weight and costs a bounded amount per BN. A BN of at most
+``SCALAR_CHANNELS`` channels has its costs computed on Python floats: the same IEEE float64 operations in the
+same order (so the same value to the bit), without numpy's fixed cost per call, which dominates on a few channels.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ PRECISION_COST_BOUND = 16.0
 VISIBLE_ERROR = 1e-4
 #: Weights with more elements are sampled when their per-channel norms are estimated.
 NORM_SAMPLE_ELEMENTS = 1 << 18
+#: Up to this many channels the cost is computed on Python floats (identical results, see *Scope and cost*).
+SCALAR_CHANNELS = 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,15 +217,58 @@ def fold_precision_cost(statistics: BatchNormInput, plans: Sequence[FoldPlan]) -
         shift = _folded_shift(plan, weight, norms.shape[0])
         if shift is None:
             return None
-        part = statistics.channels(offset, offset + norms.shape[0])
-        cost = channel_costs(part, norms, shift)
+        whole = offset == 0 and norms.shape[0] == channels
+        part = statistics if whole else statistics.channels(offset, offset + norms.shape[0])
+        cost = _largest_cost(part, norms, shift)
         if cost is None:
             return None
         costs.append(cost)
         offset, dtype = offset + norms.shape[0], weight.dtype
     if offset != channels or dtype is None or not channels:
         return None
-    return float(max(cost.max() for cost in costs)), dtype
+    return max(costs), dtype
+
+
+def _largest_cost(statistics: BatchNormInput, weight_norms: np.ndarray, folded_shift: np.ndarray) -> float | None:
+    """The largest of :func:`channel_costs`; on Python floats for at most ``SCALAR_CHANNELS`` float64 channels."""
+    arrays = (statistics.scale, statistics.beta, statistics.mean, statistics.var, weight_norms, folded_shift)
+    if weight_norms.shape[0] > SCALAR_CHANNELS or any(array.dtype != np.float64 for array in arrays):
+        costs = channel_costs(statistics, weight_norms, folded_shift)
+        return None if costs is None else float(costs.max())
+    return _largest_scalar_cost(*(array.tolist() for array in arrays))
+
+
+def _largest_scalar_cost(
+    scale: list[float], beta: list[float], mean: list[float], var: list[float], norms: list[float], shift: list[float]
+) -> float | None:
+    """:func:`channel_costs` and its largest value, step by step on Python floats (NaN and ∞ as numpy has them:
+    ``x != 0`` holds for NaN, comparisons with NaN fail, ``np.maximum`` propagates NaN)."""
+    ratios = []
+    for s, b, m, v, w, f in zip(scale, beta, mean, var, norms, shift, strict=True):
+        weight_mean = (b - f) / s if s != 0 else m
+        numerator = math.sqrt(weight_mean * weight_mean + v)
+        if w > 0 and math.isfinite(numerator) and math.isfinite(w):
+            ratios.append(numerator / w)
+    input_rms = _scalar_median(ratios) if ratios else 0.0
+    outputs = [math.sqrt(s * s * v + b * b) for s, v, b in zip(scale, var, beta, strict=True)]
+    finite = [output for output in outputs if math.isfinite(output)]
+    typical = _scalar_median(finite) if finite else 0.0
+    if not typical > 0:
+        return None
+    largest = 1.0
+    for s, w, f, output in zip(scale, norms, shift, outputs, strict=True):
+        rounding = abs(f) + abs(s) * w * input_rms
+        floored = output if output != output or output > typical else typical  # (NaN stays NaN)
+        cost = 1.0 + (rounding / floored if rounding > 0 else 0.0)
+        largest = max(largest, cost if math.isfinite(cost) else math.inf)
+    return largest
+
+
+def _scalar_median(values: list[float]) -> float:
+    """:func:`_median` of a non-empty list of floats, none of them NaN."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _folded_shift(plan: FoldPlan, weight: TensorUpdate, channels: int) -> np.ndarray | None:
@@ -233,6 +280,8 @@ def _folded_shift(plan: FoldPlan, weight: TensorUpdate, channels: int) -> np.nda
     if len(shifts) != 1:
         return None
     shift = np.abs(shifts[0])
+    if shift.shape == (channels,):  # (the common case: a bias, already one value per channel)
+        return shift
     if shift.ndim == 0 or shift.shape[-1] not in (1, channels):
         return None
     shift = shift.reshape(-1, shift.shape[-1]).max(axis=0)
