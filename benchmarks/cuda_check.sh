@@ -9,7 +9,7 @@
 #
 # `stage` writes into DIR (keep it git-ignored, e.g. `.cuda/`): the quick zoo (fp32 and fp16 exports, built here
 # so the GPU machine's own torch does not change the models), a training-mode model and its lowering, and the
-# onnxruntime-gpu wheel split into parts of at most 60 MiB (the device tool carries at most 64 MiB a call; the
+# onnxruntime-gpu wheel split into parts of at most 50 MiB (the device tool carries at most 64 MiB a call; the
 # wheel is ~255 MB: carry one part per call to a warm machine, the last call runs `run`). onnxruntime-gpu 1.31
 # links CUDA 13 (libcublas.so.13, libcudart.so.13), which the lent machines' image provides with its torch.
 #
@@ -49,7 +49,7 @@ EOF
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         -d "$dir/wheel" "onnxruntime-gpu==${ORT_GPU_VERSION:-1.31.1}"
-    (cd "$dir/wheel" && split -b 60M -d ./*.whl part. && ls -1 ./*.whl >name && rm ./*.whl)
+    (cd "$dir/wheel" && split -b 50M -d ./*.whl part. && ls -1 ./*.whl >name && rm ./*.whl)
     du -sh "$dir"/* "$dir"/wheel/*
     ;;
 run)

@@ -6,14 +6,21 @@ same frozen options, so batch and single mode write the same files and agree on 
 are started once (``forkserver`` with the workflow, and the verifier when verifying, pre-imported) and reused
 for every model they take, so imports and onnxruntime's setup are paid once per worker, not once per model.
 Nothing here prints.
+
+Signals: each worker turns SIGTERM and SIGINT into an exception while it works on a model
+(:func:`_worker_started`), so its staged files are removed as they are in single mode, then the worker exits with
+128 + the signal number; an idle worker exits at once. So ``kill -TERM -<process group>`` (or Ctrl-C) leaves no
+hidden staging folder. When the parent itself is interrupted it stops the workers the same way.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -57,6 +64,54 @@ def run_job(job: FoldJob, options: FoldOptions, verify: VerifyOptions | None = N
     return FoldOutcome(job.source, job.destination, code, time.perf_counter() - started, error=message)
 
 
+class WorkerInterrupted(KeyboardInterrupt):
+    """Raised in a worker by SIGTERM or SIGINT while it folds a model: unwinds like Ctrl-C (staging removed)."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+# Whether this worker is folding a model now (then a signal unwinds it; otherwise the worker just exits).
+_busy = False
+
+
+def _on_signal(signal_number: int, frame: object) -> None:
+    if not _busy:
+        os._exit(128 + signal_number)
+    raise WorkerInterrupted(signal_number)
+
+
+def _worker_started() -> None:
+    """The pool's initializer: SIGTERM and SIGINT unwind the current job (see the module docstring)."""
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, _on_signal)
+
+
+def _run_in_worker(job: FoldJob, options: FoldOptions, verify: VerifyOptions | None) -> FoldOutcome:
+    """:func:`run_job` in a worker process; a signal ends the worker once the job's staged files are removed.
+
+    (The pool would otherwise catch the interrupt, report it and hand the worker the next model.)
+    """
+    global _busy
+    try:
+        _busy = True
+        return run_job(job, options, verify)
+    except KeyboardInterrupt as interrupt:
+        number = getattr(interrupt, "signal_number", signal.SIGINT)
+        os._exit(128 + number)
+    finally:
+        _busy = False
+
+
+def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Send SIGTERM to the pool's workers (they remove their staged files and exit)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if process.is_alive():
+                process.terminate()
+
+
 def fold_jobs(
     jobs: Iterable[FoldJob],
     options: FoldOptions,
@@ -77,8 +132,10 @@ def fold_jobs(
         return
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([*WORKFLOW_MODULES, *(VERIFY_MODULES if verify is not None else ())])
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-        futures = {pool.submit(run_job, job, options, verify): job for job in jobs}
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(workers, len(jobs)), mp_context=context, initializer=_worker_started
+    ) as pool:
+        futures = {pool.submit(_run_in_worker, job, options, verify): job for job in jobs}
         try:
             for future in concurrent.futures.as_completed(futures):
                 try:
@@ -87,9 +144,11 @@ def fold_jobs(
                     job = futures[future]
                     message = f"worker failed: {type(error).__name__}: {error}"
                     yield FoldOutcome(job.source, job.destination, int(ExitCode.FAILED), 0.0, error=message)
-        except BaseException:
+        except BaseException as error:
             for future in futures:
                 future.cancel()
+            if not isinstance(error, Exception):  # Ctrl-C, SIGTERM, the batch abandoned: the workers stop too
+                _stop_workers(pool)
             raise
 
 

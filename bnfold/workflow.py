@@ -144,6 +144,8 @@ def stage_fold(
                         serialize.write_model(result.model, staged.path, data)
                     finally:
                         data.close()
+                    if data.stored == 0:  # every tensor small enough to stay in the model: no empty data file
+                        staged.drop_data()
                 else:
                     result = options.make_pass()(model)
                     serialize.write_model(result.model, staged.path)
@@ -182,6 +184,8 @@ class FoldOutcome:
     ``verification`` is the live report (``None`` without verification, and after :meth:`detached`, which is
     what crosses a process boundary); ``verify_verdict`` (``"passed"``, ``"failed"``, ``"skipped"``) and
     ``verify_document`` (the report's ``to_dict()``) stay. ``error``: the one-line reason of a failure.
+    ``kept_data``: after an in-place write, the input's data files the new model no longer reads; they are
+    left in place (never deleted: a copy of the model may still read them).
     """
 
     source: str
@@ -193,7 +197,7 @@ class FoldOutcome:
     size_before: int | None = None
     size_after: int | None = None
     kept_failed: str | None = None
-    removed_data: tuple[str, ...] = ()
+    kept_data: tuple[str, ...] = ()
     verify_verdict: str | None = None
     verify_document: dict[str, Any] | None = None
     verification: VerifyReport | None = dataclasses.field(default=None, compare=False, repr=False)
@@ -218,6 +222,7 @@ class FoldOutcome:
             "size_after": self.size_after,
             "seconds": round(self.seconds, 6),
             "kept_failed": self.kept_failed,
+            "kept_data": list(self.kept_data),
             "fold": self.report.to_dict() if self.report is not None else None,
             "verify": self.verify_document,
         }
@@ -236,8 +241,8 @@ def fold_file(
 
     ``verify=None`` writes without verifying. The staged model is committed unless verification FAILED; then
     nothing is written at ``destination``, and with ``keep_failed`` the candidate is saved there instead.
-    After an in-place commit, the input's previous data file (named for this output and no longer read by the
-    new model) is removed.
+    After an in-place commit the input's previous data files, which the new model no longer reads, are kept
+    (``FoldOutcome.kept_data`` names them): bnfold deletes no file it did not just write.
 
     ``plan``: every path the run reads and writes (default: :func:`fold_plan`; the CLI adds its reports). It is
     checked before anything is written, again with the model's external data files once they are known.
@@ -253,7 +258,7 @@ def fold_file(
     folded = stage_fold(source, destination, options)
     verification = None
     written = size_after = kept = None
-    removed: tuple[Path, ...] = ()
+    kept_data: tuple[Path, ...] = ()
     with folded.staged as staged:
         if staged.data_name is not None:
             plan.write(Path(destination).parent / staged.data_name, f"the external data of {destination}")
@@ -268,8 +273,7 @@ def fold_file(
             size_after = staged.size_bytes()
             staged.commit()
             written = destination
-            if is_same_file(source, destination):
-                removed = staged.remove_superseded_data()
+            kept_data = staged.kept_data
         elif keep_failed is not None:
             save_model(load_model(staged.path), keep_failed)
             kept = os.fspath(keep_failed)
@@ -284,7 +288,7 @@ def fold_file(
         size_before=folded.size_before,
         size_after=size_after,
         kept_failed=kept,
-        removed_data=tuple(os.fspath(path) for path in removed),
+        kept_data=tuple(os.fspath(path) for path in kept_data),
         verify_verdict=None if verification is None else verification.verdict.value,
         verify_document=None if verification is None else verification.to_dict(),
         verification=verification,

@@ -46,9 +46,24 @@ def cast_checked(
     """
     if row_scale is not None:
         return cast_scaled_checked(values, row_scale, dtype, what)
-    high, low = (float(values.max()), float(values.min())) if values.size else (0.0, 0.0)
+    high, low = _extremes(values)
     _check_range(high, low, dtype, what)
     return values.astype(dtype.numpy())
+
+
+#: Up to this many elements, :func:`_extremes` compares Python floats (numpy's fixed cost per call dominates).
+_SCALAR_EXTREMES = 32
+
+
+def _extremes(values: np.ndarray) -> tuple[float, float]:
+    """``(max, min)`` of ``values`` (NaN when one is NaN; ``(0, 0)`` when empty)."""
+    if not values.size:
+        return 0.0, 0.0
+    if values.size <= _SCALAR_EXTREMES:  # (a bias): a finite sum means no NaN/∞, which Python's max/min drop
+        items = values.ravel().tolist()
+        if math.isfinite(sum(items)):
+            return float(max(items)), float(min(items))
+    return float(values.max()), float(values.min())
 
 
 def cast_scaled_checked(

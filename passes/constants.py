@@ -77,8 +77,8 @@ class ConstantResolver:
         if value is None:
             return None
         if value.is_initializer():
-            if self.is_overridable_input(value):
-                return None
+            if value.is_graph_input() and not self.initializer_inputs_are_constant:
+                return None  # an overridable default (:meth:`is_overridable_input`, inlined: read per BN input)
             return value.const_value.numpy() if value.const_value is not None else None
         if value.is_graph_input():
             return None

@@ -53,6 +53,9 @@ class NameAllocator:
 
 
 def _fresh(hint: str, taken: set[str]) -> str:
+    if hint and hint not in taken:  # (the common case, without building the candidates)
+        taken.add(hint)
+        return hint
     base = f"{hint}_bnfold" if hint else "bnfold"
     numbered = (f"{base}_{i}" for i in itertools.count(1))
     for candidate in itertools.chain([hint] if hint else [], [base], numbered):
@@ -178,7 +181,7 @@ class TensorWriter:
                     if not self._legacy_initializer_inputs:
                         continue  # an overridable default is part of the interface: keep it
                     graph.inputs.remove(value)
-                graph.initializers.pop(value.name)
+                del graph.initializers[value.name]  # (not ``pop``: no lookup of the value it would return)
                 continue
             producer = value.producer()
             if (

@@ -68,6 +68,7 @@ same order (so the same value to the bit), without numpy's fixed cost per call, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -88,6 +89,9 @@ VISIBLE_ERROR = 1e-4
 NORM_SAMPLE_ELEMENTS = 1 << 18
 #: Up to this many channels the cost is computed on Python floats (identical results, see *Scope and cost*).
 SCALAR_CHANNELS = 24
+
+_FLOAT64 = np.dtype(np.float64)
+_NATIVE_FLOATS = frozenset({np.dtype(np.float16), np.dtype(np.float32), _FLOAT64})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +139,7 @@ class BatchNormInput:
         return np.sqrt(self.scale**2 * self.var + self.beta**2)
 
 
+@functools.cache
 def unit_roundoff(dtype: ir.DataType) -> float:
     """Half the distance from 1 to the next value of float ``dtype`` (fp16: 2⁻¹¹)."""
     return float(ml_dtypes.finfo(dtype.numpy()).eps) / 2
@@ -211,56 +216,63 @@ def fold_precision_cost(statistics: BatchNormInput, plans: Sequence[FoldPlan]) -
         if len(weights) != 1:
             return None
         weight = weights[0]
-        norms = channel_norms(weight.values, weight.row_scale)
-        if norms is None or offset + norms.shape[0] > channels:
+        squares = _channel_squares(weight.values, weight.row_scale)
+        if squares is None or offset + squares.shape[0] > channels:
             return None
-        shift = _folded_shift(plan, weight, norms.shape[0])
+        count = squares.shape[0]
+        shift = _folded_shift(plan, weight, count)
         if shift is None:
             return None
-        whole = offset == 0 and norms.shape[0] == channels
-        part = statistics if whole else statistics.channels(offset, offset + norms.shape[0])
-        cost = _largest_cost(part, norms, shift)
+        part = statistics if offset == 0 and count == channels else statistics.channels(offset, offset + count)
+        cost = _largest_cost(part, squares, shift)
         if cost is None:
             return None
         costs.append(cost)
-        offset, dtype = offset + norms.shape[0], weight.dtype
+        offset, dtype = offset + count, weight.dtype
     if offset != channels or dtype is None or not channels:
         return None
     return max(costs), dtype
 
 
-def _largest_cost(statistics: BatchNormInput, weight_norms: np.ndarray, folded_shift: np.ndarray) -> float | None:
-    """The largest of :func:`channel_costs`; on Python floats for at most ``SCALAR_CHANNELS`` float64 channels."""
-    arrays = (statistics.scale, statistics.beta, statistics.mean, statistics.var, weight_norms, folded_shift)
-    if weight_norms.shape[0] > SCALAR_CHANNELS or any(array.dtype != np.float64 for array in arrays):
-        costs = channel_costs(statistics, weight_norms, folded_shift)
+def _largest_cost(statistics: BatchNormInput, squares: np.ndarray, folded_shift: np.ndarray) -> float | None:
+    """The largest of :func:`channel_costs` for the weight's per-channel sums of squares ``squares``; on Python
+    floats for at most ``SCALAR_CHANNELS`` float64 channels."""
+    arrays = (statistics.scale, statistics.beta, statistics.mean, statistics.var, squares, folded_shift)
+    if squares.shape[0] > SCALAR_CHANNELS or not all(array.dtype == _FLOAT64 for array in arrays):
+        costs = channel_costs(statistics, np.sqrt(squares), folded_shift)
         return None if costs is None else float(costs.max())
-    return _largest_scalar_cost(*(array.tolist() for array in arrays))
+    return _largest_scalar_cost(*[array.tolist() for array in arrays])
 
 
 def _largest_scalar_cost(
-    scale: list[float], beta: list[float], mean: list[float], var: list[float], norms: list[float], shift: list[float]
+    scale: list[float], beta: list[float], mean: list[float], var: list[float], squares: list[float], shift: list[float]
 ) -> float | None:
     """:func:`channel_costs` and its largest value, step by step on Python floats (NaN and ∞ as numpy has them:
-    ``x != 0`` holds for NaN, comparisons with NaN fail, ``np.maximum`` propagates NaN)."""
-    ratios = []
-    for s, b, m, v, w, f in zip(scale, beta, mean, var, norms, shift, strict=True):
+    ``x != 0`` holds for NaN, comparisons with NaN fail, ``np.maximum`` propagates NaN; ``math.sqrt`` rounds
+    as ``np.sqrt`` does, correctly)."""
+    isfinite, sqrt = math.isfinite, math.sqrt
+    ratios, finite, terms = [], [], []
+    for s, b, m, v, w2, f in zip(scale, beta, mean, var, squares, shift, strict=True):
+        w = sqrt(w2)
         weight_mean = (b - f) / s if s != 0 else m
-        numerator = math.sqrt(weight_mean * weight_mean + v)
-        if w > 0 and math.isfinite(numerator) and math.isfinite(w):
+        numerator = sqrt(weight_mean * weight_mean + v)
+        if w > 0 and isfinite(numerator) and isfinite(w):
             ratios.append(numerator / w)
+        output = sqrt(s * s * v + b * b)
+        if isfinite(output):
+            finite.append(output)
+        terms.append((abs(f), abs(s) * w, output))  # (|b'|, |s|·‖W‖, z_rms)
     input_rms = _scalar_median(ratios) if ratios else 0.0
-    outputs = [math.sqrt(s * s * v + b * b) for s, v, b in zip(scale, var, beta, strict=True)]
-    finite = [output for output in outputs if math.isfinite(output)]
     typical = _scalar_median(finite) if finite else 0.0
     if not typical > 0:
         return None
-    largest = 1.0
-    for s, w, f, output in zip(scale, norms, shift, outputs, strict=True):
-        rounding = abs(f) + abs(s) * w * input_rms
-        floored = output if output != output or output > typical else typical  # (NaN stays NaN)
-        cost = 1.0 + (rounding / floored if rounding > 0 else 0.0)
-        largest = max(largest, cost if math.isfinite(cost) else math.inf)
+    largest = 1.0  # (every cost is at least 1)
+    for shift_term, weight_scale, output in terms:
+        rounding = shift_term + weight_scale * input_rms
+        if rounding > 0:
+            cost = 1.0 + rounding / (output if output != output or output > typical else typical)  # (np.maximum)
+            if not cost <= largest:  # (a larger cost, or NaN, which counts as ∞)
+                largest = cost if isfinite(cost) else math.inf
     return largest
 
 
@@ -294,20 +306,37 @@ def channel_norms(values: np.ndarray, row_scale: np.ndarray) -> np.ndarray | Non
     Bounded cost: beyond ``NORM_SAMPLE_ELEMENTS`` elements, every k-th entry of the longest reduced axis is
     used and the sum of squares rescaled (never a float64 copy of the whole weight).
     """
-    if row_scale.ndim > values.ndim:
+    squares = _channel_squares(values, row_scale)
+    return None if squares is None else np.sqrt(squares)
+
+
+def _channel_squares(values: np.ndarray, row_scale: np.ndarray) -> np.ndarray | None:
+    """``‖W[c]‖₂²`` per channel (float64 ``[C]``), as :func:`channel_norms` describes."""
+    reduced = _reduced_axes(values.ndim, row_scale.shape)
+    if reduced is None:
         return None
-    scale_shape = (1,) * (values.ndim - row_scale.ndim) + row_scale.shape
-    channel_axes = [axis for axis in range(values.ndim) if scale_shape[axis] != 1]
+    if len(reduced) == values.ndim:  # one channel
+        return np.array([_sum_of_squares(values, reduced)])
+    squares = _sum_of_squares(values, reduced)
+    return squares if squares.ndim == 1 else squares.reshape(-1)
+
+
+@functools.cache
+def _reduced_axes(ndim: int, scale_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The axes a channel's sum of squares runs over: all but the one along which ``row_scale`` varies (all of
+    them for one channel); ``None`` when it varies along several (or has more axes than the weight)."""
+    if len(scale_shape) > ndim:
+        return None
+    scale_shape = (1,) * (ndim - len(scale_shape)) + scale_shape
+    channel_axes = [axis for axis in range(ndim) if scale_shape[axis] != 1]
     if len(channel_axes) > 1:
         return None
-    if not channel_axes:  # one channel
-        return np.sqrt(np.array([_sum_of_squares(values, tuple(range(values.ndim)))]))
-    channel_axis = channel_axes[0]
-    reduced = tuple(axis for axis in range(values.ndim) if axis != channel_axis)
-    return np.sqrt(_sum_of_squares(values, reduced)).reshape(-1)
+    return tuple(axis for axis in range(ndim) if axis not in channel_axes)
 
 
 def _sum_of_squares(values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray | float:
+    if values.dtype in _NATIVE_FLOATS and values.size <= NORM_SAMPLE_ELEMENTS:  # (squared in float64 directly)
+        return np.add.reduce(np.square(values, dtype=np.float64), axis=axes)
     if values.size > NORM_SAMPLE_ELEMENTS and axes:
         axis = max(axes, key=lambda a: values.shape[a])
         stride = math.ceil(values.size / NORM_SAMPLE_ELEMENTS)

@@ -59,7 +59,8 @@ COMMAND_EXIT_CODES: dict[str, dict[int, str]] = {
     "lower-training": {0: "", 2: "", 3: "", 6: ""},
     "doctor": {0: "the runtime works", 1: "a problem was found", 2: "", 4: "a provider named with --providers does"
                " not really execute", 5: ""},
-    "recalibrate": {0: "", 1: "the fold after --fold failed verification", 2: "", 3: "", 5: "", 6: ""},
+    "recalibrate": {0: "", 1: "the fold after --fold failed verification: nothing was written", 2: "", 3: "",
+                    5: "", 6: ""},
 }  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from bnfold import batch
 from bnfold.cli.arg_types import comma_list, positive_int
 from bnfold.cli.render import (
+    kept_data_line,
     make_console,
     render_batch_outcome,
     render_batch_total,
@@ -178,6 +179,9 @@ def _run_single(args: argparse.Namespace, console: Console, options: FoldOptions
     )
     if args.verbose:
         render_fold_records(console, outcome.report)
+    kept_line = kept_data_line(outcome.kept_data, args.model)
+    if kept_line is not None:
+        console.print(kept_line, markup=False, highlight=False, soft_wrap=True)
     verification = outcome.verification
     if verification is not None:
         _verify_options().render_verify_report(console, verification, written=outcome.written is not None)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bnfold.cli.render import render_recalibration, write_json
+from bnfold.cli.render import failure_line, kept_data_line, render_recalibration, write_json
 from bnfold.errors import ExitCode, UsageError
 from bnfold.files import SOURCE_FILES_META, load_model, stage_model
 from bnfold.files.output_plan import MODEL_OUTPUT, OutputPlan
@@ -17,6 +18,8 @@ from bnfold.runtime import require_onnxruntime
 
 if TYPE_CHECKING:  # the API imports onnxruntime: keep `bnfold --help` light
     import onnx_ir as ir
+
+    from bnfold.validate.report import VerifyReport
 
 
 NAME = "recalibrate"
@@ -108,26 +111,37 @@ def run(args: argparse.Namespace) -> int:
             match_torch=args.match_torch,
             progress=advance,
         )
-    render_recalibration(console, report, Path(output), verbose=args.verbose)
-    exit_code = ExitCode.OK
+    verification = None
     if args.fold:
         recalibrated = model.clone()
         model, fold_report = fold(model)
         console.print(f"folded {len(fold_report.folded)} / {len(fold_report.records)} BatchNormalization")
-        exit_code = _verify(recalibrated, model, console)
+        verification = _verify(recalibrated, model, console)
+    if verification is not None and not verification.passed:  # as `bnfold fold`: a failed fold writes nothing
+        render_recalibration(console, report, "(not written)", verbose=args.verbose)
+        if args.json:
+            write_json(args.json, report.to_json())
+        line = failure_line(verification, subject=args.model, nothing_written=True)
+        fallback = f"bnfold: {args.model}: verification {verification.verdict.value}; nothing was written"
+        print(line or fallback, file=sys.stderr)
+        return ExitCode.FAILED
     with stage_model(model, output) as staged:
         staged.commit()
-        if args.in_place:  # the input's previous data file is no longer read by anything (as `fold --in-place`)
-            staged.remove_superseded_data()
+        kept = tuple(str(path) for path in staged.kept_data)  # in place: the old data files, never deleted
+    render_recalibration(console, report, Path(output), verbose=args.verbose)
+    kept_line = kept_data_line(kept, args.model)
+    if kept_line is not None:
+        console.print(kept_line, markup=False, highlight=False, soft_wrap=True)
     if args.json:
         write_json(args.json, report.to_json())
-    return exit_code
+    return ExitCode.OK
 
 
-def _verify(recalibrated: ir.Model, folded: ir.Model, console: Console) -> int:
+def _verify(recalibrated: ir.Model, folded: ir.Model, console: Console) -> VerifyReport:
+    """The folded model against the recalibrated one on CPU (optimisations off); prints the verdict."""
     from bnfold.validate.options import VerifyOptions, verify_with
 
     result = verify_with(recalibrated, folded, VerifyOptions(providers=("cpu",)))
     verdict = "passed" if result.passed else "FAILED"
     console.print(f"verify (folded against recalibrated, cpu): {verdict}")
-    return ExitCode.OK if result.passed else ExitCode.FAILED
+    return result

@@ -119,6 +119,14 @@ def write_json(target: str, document: dict[str, Any] | str, *, flag: str = "--js
         raise UsageError(f"{flag} {target}: cannot write ({error.strerror or error})") from error
 
 
+def kept_data_line(kept: tuple[str, ...] | list[str], model: str) -> str | None:
+    """The note after an in-place write that left the input's old data files (``None`` when none were)."""
+    if not kept:
+        return None
+    names = ", ".join(kept)
+    return f"kept {names}: {model} no longer reads it, a copy of the model may; delete it when nothing does"
+
+
 def render_batch_outcome(console: Console, outcome: FoldOutcome, *, verbose: bool) -> None:
     """One line for one model of a batch: ``✓ a.onnx → out/a.onnx: 3/3 BN folded, sizes, time, verdict``."""
     source = outcome.source
@@ -135,6 +143,8 @@ def render_batch_outcome(console: Console, outcome: FoldOutcome, *, verbose: boo
         parts.append("verify FAILED" if outcome.verify_verdict == "failed" else f"verify {outcome.verify_verdict}")
     if outcome.kept_failed is not None:
         parts.append(f"kept as {outcome.kept_failed}")
+    if outcome.kept_data:
+        parts.append(f"old data kept: {', '.join(outcome.kept_data)}")
     mark = ("✓ ", "bold green") if outcome.ok else ("✗ ", "bold red")
     arrow = f" → {outcome.written}" if outcome.written is not None else " (not written)"
     console.print(Text.assemble(mark, f"{source}{arrow}: " + ", ".join(parts)), soft_wrap=True)
@@ -156,7 +166,7 @@ def render_batch_total(console: Console, totals: dict[str, Any]) -> None:
     )
 
 
-def render_recalibration(console: Console, report: RecalibrationReport, output: Path, *, verbose: bool) -> None:
+def render_recalibration(console: Console, report: RecalibrationReport, output: Path | str, *, verbose: bool) -> None:
     """One line: what was recalibrated, how, and where it was written; with ``verbose`` a row per BN."""
     mode = "update_bn (match-torch)" if report.mode == "match_torch" else f"pooled, {report.convention} variance"
     console.print(

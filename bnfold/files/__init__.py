@@ -16,6 +16,10 @@ from typing import Any
 
 # Public names → their module (imported on first use, so that importing one module does not import them all).
 _LAZY = {
+    "open_regular_file": "bnfold.files.inputs",
+    "read_npz": "bnfold.files.inputs",
+    "require_regular_file": "bnfold.files.inputs",
+    "OutputPlan": "bnfold.files.output_plan",
     "SOURCE_FILES_META": "bnfold.files.load",
     "as_model": "bnfold.files.load",
     "external_files": "bnfold.files.load",

@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from bnfold.errors import UsageError, one_line
+from bnfold.errors import BnfoldError, UsageError, one_line
 
 # The declared array bytes one ``.npz`` file may hold, all members together (2 GiB): more is refused unread.
 MAX_NPZ_BYTES = 2**31
@@ -62,32 +62,33 @@ def _where(path: str | os.PathLike, flag: str) -> str:
     return f"{flag} {shown_path(path)}" if flag else shown_path(path)
 
 
-def require_regular_file(path: str | os.PathLike, flag: str) -> None:
-    """Raise :class:`UsageError` (naming ``flag`` and ``path``) unless ``path`` is an existing regular file."""
+def require_regular_file(path: str | os.PathLike, flag: str, *, error: type[BnfoldError] = UsageError) -> None:
+    """Raise ``error`` (naming ``flag`` and ``path``) unless ``path`` is an existing regular file."""
     where = _where(path, flag)
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError as error:
-        raise UsageError(f"{where}: no such file") from error
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{where}: cannot read ({_reason(error)})") from error
+    except FileNotFoundError as failure:
+        raise error(f"{where}: no such file") from failure
+    except (OSError, ValueError) as failure:
+        raise error(f"{where}: cannot read ({_reason(failure)})") from failure
     if not stat.S_ISREG(mode):
-        raise UsageError(f"{where}: {_kind(mode)}, not a regular file")
+        raise error(f"{where}: {_kind(mode)}, not a regular file")
 
 
-def open_regular_file(path: str | os.PathLike, flag: str) -> BinaryIO:
-    """Open ``path`` for binary reading; :class:`UsageError` unless it is a regular file (see module docstring)."""
-    require_regular_file(path, flag)
+def open_regular_file(path: str | os.PathLike, flag: str, *, error: type[BnfoldError] = UsageError) -> BinaryIO:
+    """Open ``path`` for binary reading; ``error`` (default :class:`UsageError`; model files:
+    :class:`~bnfold.errors.InvalidModelError`) unless it is a regular file (see the module docstring)."""
+    require_regular_file(path, flag, error=error)
     where = _where(path, flag)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
         descriptor = os.open(path, flags)
-    except OSError as error:
-        raise UsageError(f"{where}: cannot read ({_reason(error)})") from error
+    except OSError as failure:
+        raise error(f"{where}: cannot read ({_reason(failure)})") from failure
     try:
         mode = os.fstat(descriptor).st_mode
         if not stat.S_ISREG(mode):  # replaced between the two checks
-            raise UsageError(f"{where}: {_kind(mode)}, not a regular file")
+            raise error(f"{where}: {_kind(mode)}, not a regular file")
         os.set_blocking(descriptor, True)
         return os.fdopen(descriptor, "rb")
     except BaseException:

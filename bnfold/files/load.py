@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from bnfold.errors import InvalidModelError, UsageError, one_line
 from bnfold.files.checks import check_external_data, check_model_proto, iter_tensor_protos
-from bnfold.files.inputs import shown_path
+from bnfold.files.inputs import open_regular_file, shown_path
 from bnfold.files.paths import external_data_name
 from bnfold.files.wire import UnsupportedLayout, scan_self_referencing
 from bnfold.passes.scopes import model_graphs
@@ -45,13 +45,12 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     path = Path(path)
     shown = shown_path(path)  # (a name with a newline or other control character is shown escaped: one line)
     try:
-        if not path.exists():
-            raise InvalidModelError(f"{shown}: no such file")
-        if not path.is_file():  # a FIFO, device or directory is never opened (reading a FIFO would block)
-            raise InvalidModelError(f"{shown}: not a regular file")
-        if path.stat().st_size == 0:
-            raise InvalidModelError(f"{shown}: empty file")
-        proto = onnx.load(os.fspath(path), load_external_data=False)
+        # A FIFO, device or directory is never read (a FIFO would block), not even one swapped in after a check:
+        # the file is checked again on the opened descriptor and parsed from that descriptor.
+        with open_regular_file(path, "", error=InvalidModelError) as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                raise InvalidModelError(f"{shown}: empty file")
+            proto = onnx.load_model_from_string(handle.read())  # (what onnx.load does; weights stay external)
     except InvalidModelError:
         raise
     except OSError as error:  # permission denied, I/O error, name too long
@@ -258,6 +257,15 @@ def external_files(model: ir.Model) -> set[Path]:
     return loaded_from | {Path(os.path.realpath(path)) for path in paths}
 
 
+def read_model_proto(path: Path) -> onnx.ModelProto:
+    """The model proto of the regular file ``path`` (external weights not loaded), read from the descriptor that
+    was checked to be a regular file (:func:`~bnfold.files.inputs.open_regular_file`): a FIFO swapped in after a
+    check is refused, never read. Raises :class:`InvalidModelError`, or protobuf's error for bytes that are not a
+    model."""
+    with open_regular_file(path, "", error=InvalidModelError) as handle:
+        return onnx.load_model_from_string(handle.read())
+
+
 def data_files_of(path: str | os.PathLike) -> set[Path]:
     """The external-data files the model file ``path`` refers to (resolved), read without loading any weight.
 
@@ -273,9 +281,9 @@ def data_files_of(path: str | os.PathLike) -> set[Path]:
             try:
                 proto = scan_self_referencing(path, LAZY_TENSOR_BYTES)
             except UnsupportedLayout:
-                proto = onnx.load(os.fspath(path), load_external_data=False)
+                proto = read_model_proto(path)
         else:
-            proto = onnx.load(os.fspath(path), load_external_data=False)
+            proto = read_model_proto(path)
     except Exception:  # not a model: the loader says so, in its words
         return set()
     files = set()

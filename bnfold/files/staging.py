@@ -2,13 +2,19 @@
 
 A reader never sees a half-written model and a crash leaves the previous state: :func:`stage_model` writes
 every file under ``.<name>.XXXX/`` in the destination's directory; :meth:`StagedModel.commit` renames the data
-file, then the model, into place. Staged files can be used (verified) before they replace anything.
+file, then the model, into place, under an advisory lock per destination (:func:`output_lock`), so concurrent
+bnfold processes never pair one's model with another's data file. Staged files can be used (verified) before
+they replace anything. Nothing here deletes a file it did not write: writing in place, the input's old data files
+are kept (:attr:`StagedModel.kept_data`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +27,11 @@ from bnfold.files.load import estimated_size_bytes, external_files, has_external
 from bnfold.files.paths import external_data_name
 from bnfold.files.serialize import PROTOBUF_LIMIT_BYTES
 from bnfold.files.writer import DataFile
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: commits are not serialised
+    fcntl = None  # type: ignore[assignment]
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
@@ -49,6 +60,8 @@ def stage_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool
                     serialize.write_model(model, staged.path, data)
                 finally:
                     data.close()
+                if data.stored == 0:
+                    staged.drop_data()
     except BaseException:
         staged.discard()
         raise
@@ -65,9 +78,13 @@ def create_staging(
     """An empty temporary directory beside ``path`` and the names ``model`` is to be written under there.
 
     The data file is ``<file name>.data``, or ``<file name>.<n>.data`` with the smallest ``n >= 1`` when that
-    name is a file ``model`` still reads external data from (folding in place alternates between the two), so
+    name is a file ``model`` still reads external data from (folding in place alternates between names), so
     the output never replaces a data file the input reads. ``read_files``: those files (resolved paths), when
     the caller knows them (default: :func:`external_files`).
+
+    Writing in place (``path`` is a file ``model`` was read from), a name that exists is skipped too, and the
+    data files the input read are listed in :attr:`StagedModel.kept_data`: they are never deleted nor written
+    into, since a copy of the model (``cp a.onnx b.onnx``) may still read them, and bnfold cannot know.
     """
     path = Path(path)
     if external_data is None:
@@ -76,37 +93,36 @@ def create_staging(
     if not directory.is_dir():
         raise UsageError(f"{path}: output directory {directory} does not exist")
     read = external_files(model) if read_files is None else read_files
-    data_name = superseded = None
-    if external_data:
-        data_name = _data_name_not_in(path, read)
-        superseded = tuple(
-            file for file in read if file.parent == path.parent.resolve() and _is_data_name_for(path, file.name)
-        )
+    itself = Path(os.path.realpath(path))
+    in_place = itself in read
+    data_name = _data_name_not_in(path, read, skip_existing=in_place) if external_data else None
+    kept = tuple(sorted(file for file in read if file != itself)) if in_place else ()
     with writing(path):
         staging = tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=directory)
-    return StagedModel(staging, path, data_name, superseded=superseded or ())
+    return StagedModel(staging, path, data_name, kept=kept)
 
 
-def _is_data_name_for(path: Path, name: str) -> bool:
-    if name == external_data_name(path):
-        return True
-    prefix, suffix = path.name + ".", ".data"
-    middle = name[len(prefix) : -len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else ""
-    return middle.isdigit()
-
-
-def _data_name_not_in(path: Path, taken: set[Path]) -> str:
+def _data_name_not_in(path: Path, taken: set[Path], *, skip_existing: bool = False) -> str:
+    """The first of ``<name>.data``, ``<name>.1.data``, ... that is not in ``taken`` (and, with ``skip_existing``,
+    names no existing file or link)."""
     directory = path.parent.resolve()
-    candidates = [external_data_name(path)] + [f"{path.name}.{n}.data" for n in range(1, len(taken) + 2)]
-    return next(name for name in candidates if Path(os.path.realpath(directory / name)) not in taken)
+    for number in itertools.count():
+        name = external_data_name(path) if number == 0 else f"{path.name}.{number}.data"
+        candidate = directory / name
+        if Path(os.path.realpath(candidate)) in taken:
+            continue
+        if skip_existing and (candidate.exists() or candidate.is_symlink()):
+            continue
+        return name
+    raise AssertionError("unreachable")
 
 
 class StagedModel:
     """A model written under a temporary directory, not yet visible at its destination.
 
     Use as a context manager: leaving the block without :meth:`commit` removes the staged files.
-    ``superseded_data`` lists the data files, named for this destination, that the written model's source
-    read and the new model no longer does (after an in-place fold: the previous data file).
+    ``kept_data`` lists, for an in-place write, the data files the input read and the new model no longer
+    reads: bnfold leaves them as they are (a copy of the model may read them) and its callers say so.
     """
 
     def __init__(
@@ -115,13 +131,13 @@ class StagedModel:
         destination: Path,
         data_name: str | None,
         *,
-        superseded: tuple[Path, ...] = (),
+        kept: tuple[Path, ...] = (),
     ) -> None:
         self._staging = staging
         self.destination = destination
         self.data_name = data_name
         self.path = Path(staging.name) / destination.name
-        self.superseded_data = tuple(file for file in superseded if file.name != data_name)
+        self.kept_data = kept
 
     @property
     def data_path(self) -> Path | None:
@@ -138,11 +154,15 @@ class StagedModel:
 
         When the destination (or the data file name) already exists, the new files are fsynced first, so a
         crash cannot replace existing files by partly written ones. A new destination is renamed without
-        fsync, like ``cp`` writes: the input stays intact whatever happens.
+        fsync, like ``cp`` writes: the input stays intact whatever happens. The two renames happen under
+        :func:`output_lock`, so two processes writing the same output cannot pair one's model with the other's
+        data file: the last commit wins whole.
         """
         directory = self.destination.parent
-        replacing = self.destination.exists() or (self.data_name is not None and (directory / self.data_name).exists())
-        with writing(self.destination):
+        with writing(self.destination), output_lock(self.destination):
+            replacing = self.destination.exists() or (
+                self.data_name is not None and (directory / self.data_name).exists()
+            )
             if self.data_name is not None:
                 if replacing:
                     _fsync(self.data_path)
@@ -154,14 +174,11 @@ class StagedModel:
             _fsync_directory(directory)
         self.discard()
 
-    def remove_superseded_data(self) -> tuple[Path, ...]:
-        """After an in-place :meth:`commit`, delete :attr:`superseded_data`; return what was removed."""
-        removed = []
-        for file in self.superseded_data:
-            with contextlib.suppress(FileNotFoundError):
-                file.unlink()
-                removed.append(file)
-        return tuple(removed)
+    def drop_data(self) -> None:
+        """Forget the staged data file: nothing was stored in it (every tensor is small), so none is written."""
+        if self.data_path is not None:
+            self.data_path.unlink(missing_ok=True)
+        self.data_name = None
 
     def discard(self) -> None:
         self._staging.cleanup()
@@ -171,6 +188,66 @@ class StagedModel:
 
     def __exit__(self, *exc_info: object) -> None:
         self.discard()
+
+
+def lock_path(destination: str | os.PathLike) -> Path:
+    """The advisory lock file of ``destination``: ``.<file name>.bnfold-lock`` beside it."""
+    destination = Path(destination)
+    return destination.with_name(f".{destination.name}.bnfold-lock")
+
+
+@contextlib.contextmanager
+def output_lock(destination: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) for ``destination`` while the block runs.
+
+    Every bnfold process commits an output under this lock, so commits of one output never interleave. The lock
+    file (:func:`lock_path`) is removed while still locked; a waiter that then obtains the lock on the removed
+    file sees that the path no longer names it and locks afresh, so nothing is left behind and no two holders
+    coexist. A process killed outright leaves an empty lock file, which the next commit locks and removes. Where
+    ``flock`` is unavailable (not POSIX, a file system without locks) the commit runs unlocked, as it always
+    did. Only bnfold processes take the lock: another program writing the same files is not held back.
+    """
+    path = lock_path(destination)
+    descriptor = _locked(path)
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(descriptor)  # (closing releases the lock)
+
+
+def _locked(path: Path) -> int | None:
+    """A descriptor of ``path`` holding its exclusive ``flock``; ``None`` where locking is not available."""
+    if fcntl is None:
+        return None
+    while True:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        descriptor = os.open(path, flags, 0o644)  # (a planted symlink fails: ELOOP; a FIFO does not block)
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise OSError(errno.EEXIST, f"{path.name} exists and is not a regular file", os.fspath(path))
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            if _same_inode(os.fstat(descriptor), path):
+                return descriptor
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None
+            raise
+        except BaseException:
+            os.close(descriptor)
+            raise
+        os.close(descriptor)  # the holder removed it after we opened it: lock the new one
+
+
+def _same_inode(opened: os.stat_result, path: Path) -> bool:
+    try:
+        current = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 @contextlib.contextmanager

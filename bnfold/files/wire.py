@@ -16,6 +16,9 @@ from pathlib import Path
 
 import onnx
 
+from bnfold.errors import InvalidModelError
+from bnfold.files.inputs import open_regular_file
+
 # Protobuf field numbers (onnx.proto) and wire types used by the scanner and the streaming writer.
 MODEL_GRAPH = 7
 GRAPH_INITIALIZER = 5
@@ -98,7 +101,8 @@ def scan_self_referencing(path: Path, min_tensor_bytes: int) -> onnx.ModelProto:
     Raises:
         UnsupportedLayout: a layout the scan does not handle (the caller parses the file the ordinary way).
     """
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+    handle = open_regular_file(path, "", error=InvalidModelError)  # (never a FIFO swapped in after a check)
+    with handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         buffer = memoryview(mapped)
         try:
             return _rebuild_with_references(buffer, path.name, min_tensor_bytes)

@@ -277,6 +277,7 @@ class DataFile:
         self.location = self.path.name
         self._output = OutputFile(self.path)
         self._real_path = os.path.realpath(self.path)
+        self.stored = 0  # tensors appended (0: nothing refers to this file)
 
     def holds(self, tensor: ir.TensorProtocol) -> bool:
         return is_on_disk(tensor) and os.path.realpath(tensor.path) == self._real_path
@@ -289,6 +290,7 @@ class DataFile:
             self._output.pad_to(-(-self._output.position // ALIGNMENT_BYTES) * ALIGNMENT_BYTES)
         offset = self._output.position
         append_tensor(self._output, tensor)
+        self.stored += 1
         if self._output.position - offset != length:
             raise InvalidModelError(f"tensor {tensor.name!r}: wrote {self._output.position - offset} of {length} bytes")
         return ir.ExternalTensor(

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from bnfold.errors import InvalidModelError, UsageError
 from bnfold.files.checks import check_external_data, check_model_proto, iter_tensor_protos
-from bnfold.files.load import ModelInput
+from bnfold.files.load import ModelInput, read_model_proto
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,9 @@ def _from_path(path: Path) -> ModelSource:
     if not path.is_file():
         raise InvalidModelError(f"{path}: not a regular file")
     try:
-        proto = onnx.load(os.fspath(path), load_external_data=False)
+        proto = read_model_proto(path)  # read from the descriptor checked to be a regular file (no FIFO race)
+    except InvalidModelError:
+        raise
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InvalidModelError(f"{path}: not a valid ONNX model ({first_line})") from error

@@ -95,24 +95,22 @@ def test_folded_tensors_are_spilled_to_the_data_file_during_the_fold(external_mo
     np.testing.assert_array_equal(weight.numpy(), _arrays(_in_memory_fold(external_model))["w0"])
 
 
-def test_in_place_fold_alternates_data_file_and_removes_the_superseded_one(external_model: Path) -> None:
+def test_in_place_fold_writes_a_new_data_file_and_keeps_the_old_one(external_model: Path) -> None:
     data = external_model.parent / "ext.onnx.data"
     original = data.read_bytes()
     result = stage_fold(external_model, external_model)
     with result.staged as staged:
         assert staged.data_name == "ext.onnx.1.data"
-        assert staged.superseded_data == (data.resolve(),)
+        assert staged.kept_data == (data.resolve(),)
         staged.commit()
-        assert data.read_bytes() == original  # still there until removed explicitly
-        assert staged.remove_superseded_data() == (data.resolve(),)
-    assert sorted(os.listdir(external_model.parent)) == ["ext.onnx", "ext.onnx.1.data"]
+    assert data.read_bytes() == original  # kept, never deleted nor written into (issue 14, defect 3)
+    assert sorted(os.listdir(external_model.parent)) == ["ext.onnx", "ext.onnx.1.data", "ext.onnx.data"]
     again = stage_fold(external_model, external_model)
     with again.staged as staged:
-        assert staged.data_name == "ext.onnx.data"
+        assert staged.data_name == "ext.onnx.2.data"  # ext.onnx.data exists: never replaced in place either
         assert len(again.report.folded) == 0
         staged.commit()
-        staged.remove_superseded_data()
-    assert sorted(os.listdir(external_model.parent)) == ["ext.onnx", "ext.onnx.data"]
+    assert data.read_bytes() == original
     np.testing.assert_array_equal(
         _arrays(load_model(external_model))["w0"], _arrays(_in_memory_fold_of_original(external_model))["w0"]
     )

@@ -182,6 +182,10 @@ def test_check_and_verify_refuse_a_report_over_a_file_they_use(run_cli, workdir:
 
 def test_fold_refuses_a_report_over_the_outputs_external_data(run_cli, workdir: Path) -> None:
     """The output keeps external data in ``o.onnx.data``: a report there would replace it after the commit."""
+    # (a folded weight of 1 KiB or more: smaller tensors are written into the model, and no data file at all)
+    model, data = with_external_data(seeds.conv_bn(channels=(4, 16)), "model.onnx.data")
+    (workdir / "model.onnx.data").write_bytes(data)
+    write_model(workdir / "model.onnx", model)
     before = snapshot(workdir)
     result = run_cli("fold", workdir / "model.onnx", "-o", workdir / "o.onnx", "--json", workdir / "o.onnx.data")
     _assert_refused(result, "writes the same file", workdir, before)

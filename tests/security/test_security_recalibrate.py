@@ -388,9 +388,11 @@ def test_external_data_model_recalibrates_in_place_without_writing_into_its_data
     model = _external_data_model(workdir)
     result = run_cli("recalibrate", model, "--data", workdir / "good.npz", "--in-place")
     assert result.code == 0, result.stderr
-    # the new data file has the other name (the old one is never written into) and the superseded one is removed
-    assert not (workdir / "model.onnx.data").exists()
+    # the new data file has the other name (the old one is never written into); the old one is kept and named
+    # (a copy of the model may still read it: issue 14, defect 3)
+    assert (workdir / "model.onnx.data").is_file()
     assert (workdir / "model.onnx.1.data").is_file()
+    assert "kept " in result.stdout and "model.onnx.data" in result.stdout
     assert [path.name for path in workdir.iterdir() if path.name.startswith(".")] == []
     onnx.checker.check_model(onnx.load(model), full_check=True)
 
