@@ -46,6 +46,10 @@ def fold(
     ``lower_standalone=True`` replaces every BN that no rule folds by one per-channel ``Mul`` + ``Add``
     (records with rule ``lower_standalone``). ``options`` (a :class:`~bnfold.workflow.FoldOptions`) replaces
     the three keywords and carries the rest.
+
+    A model loaded from a file remembers the file's layout in ``model.meta`` (kept by the fold, not by
+    ``model.clone()``): :func:`bnfold.save_model` writes external data when the input had it, even when every
+    external tensor was folded.
     """
     if options is None:
         options = FoldOptions(only=only, skip=skip, lower_standalone=lower_standalone)

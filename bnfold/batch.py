@@ -60,7 +60,7 @@ def run_job(job: FoldJob, options: FoldOptions, verify: VerifyOptions | None = N
     except BnfoldError as error:
         code, message = int(error.exit_code), str(error)
     except Exception as error:
-        code, message = int(ExitCode.FAILED), f"internal error: {type(error).__name__}: {error}"
+        code, message = int(ExitCode.INTERNAL), f"internal error: {type(error).__name__}: {error}"
     return FoldOutcome(job.source, job.destination, code, time.perf_counter() - started, error=message)
 
 

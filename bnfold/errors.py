@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     PROVIDER_UNAVAILABLE = 4
     RUNTIME_MISSING = 5  # the command needs onnxruntime and no onnxruntime distribution is installed
     WRITE_FAILED = 6  # an output could not be written (disk full, read-only, permission); nothing was replaced
+    INTERNAL = 70  # a bug in bnfold (sysexits' EX_SOFTWARE): never a verdict on the model
 
 
 class BnfoldError(Exception):

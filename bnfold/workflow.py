@@ -149,6 +149,8 @@ def stage_fold(
                 else:
                     result = options.make_pass()(model)
                     serialize.write_model(result.model, staged.path)
+                    if not result.report.folded:  # nothing folded: the output is the input's bytes when unchanged
+                        serialize.keep_source_bytes(source, staged.path)
         except BaseException:
             staged.discard()
             raise

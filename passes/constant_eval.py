@@ -18,8 +18,10 @@ op                 evaluated when
 =================  ================================================================================
 Constant           ``value`` (dense), ``value_float(s)``, ``value_int(s)``; no function-attribute reference
 Identity           the input is constant
-Shape              the input is constant, or every selected dimension of its recorded shape is a number
-                   (``start``/``end`` with negative indices and clamping as in opset 15)
+Shape              the input is constant, or every selected dimension of its shape — recorded, else from ONNX
+                   shape inference — is a number, also for a runtime value (``start``/``end`` with negative
+                   indices and clamping as in opset 15)
+Transpose          the input is constant; ``perm`` a permutation of its axes (default: reversed axes)
 Cast, CastLike     the input is constant and the target (``to``, or input 1's element type, which may be a
                    runtime value: only its type is read) is a bool, integer, float16/bfloat16/32/64 type
 Reshape            data and shape constant; ``0`` copies the input dimension unless ``allowzero=1``, one
@@ -34,7 +36,7 @@ ConstantOfShape    shape constant, non-negative; fill is a one-element tensor (d
 Bounds (no gigabytes from a few bytes): a result that creates data (Expand, ConstantOfShape, Concat, Cast,
 CastLike) holds at most :data:`MAX_RESULT_ELEMENTS` (2**24) elements, and one resolver creates at most
 :data:`MAX_TOTAL_ELEMENTS` (2**26) elements in all; Reshape, Squeeze, Unsqueeze and Identity return views of
-their input and create nothing. The caller bounds the depth of a chain (see
+their input and create nothing, and so does Transpose (a strided view). The caller bounds the depth of a chain (see
 :class:`~bnfold.passes.constants.ConstantResolver`). Past a bound, the value is "not constant".
 Results are shared and read-only: a caller must not write into them.
 """
@@ -86,6 +88,8 @@ class ValueSource(Protocol):
     def array(self, value: ir.Value | None) -> np.ndarray | None: ...
 
     def dtype(self, *values: ir.Value | None) -> ir.DataType | None: ...
+
+    def shape(self, value: ir.Value | None) -> tuple[int | None, ...] | None: ...
 
 
 Kernel = Callable[[ir.Node, ValueSource], "np.ndarray | None"]
@@ -178,18 +182,22 @@ def _identity(node: ir.Node, source: ValueSource) -> np.ndarray | None:
 
 
 def _shape(node: ir.Node, source: ValueSource) -> np.ndarray | None:
+    """``Shape`` needs only the input's dimensions: a runtime value (raw dynamo's ``Shape(conv_out, 1, 2)``, the
+    channel count of a BN's computed scale) qualifies when the dimensions selected are numbers."""
     if not node.inputs or node.inputs[0] is None:
         return None
     value = node.inputs[0]
-    dims: list[int | ir.SymbolicDim] | None = list(value.shape) if value.shape is not None else None
-    rank = len(dims) if dims is not None else None
+    dims: list[int | None] | None = None
+    shape = source.shape(value)  # recorded, else inferred; ``None`` per dimension that is not a number
     start, end = _int(node, "start", 0), _int(node, "end", None)
-    if dims is None or not all(isinstance(dim, int) for dim in dims[_slice(start, end, rank)]):
+    if shape is not None:
+        dims = list(shape)[_slice(start, end, len(shape))]
+    if dims is None or not all(isinstance(dim, int) for dim in dims):
         data = source.array(value)
         if data is None:
             return None
-        dims, rank = list(data.shape), data.ndim
-    return np.array(dims[_slice(start, end, rank)], dtype=np.int64)
+        dims = list(data.shape)[_slice(start, end, data.ndim)]
+    return np.array(dims, dtype=np.int64)
 
 
 def _slice(start: int, end: int | None, rank: int) -> slice:
@@ -307,6 +315,20 @@ def _constant_of_shape(node: ir.Node, source: ValueSource) -> np.ndarray | None:
     return np.full(shape, fill_array[0], dtype=fill_array.dtype)
 
 
+def _transpose(node: ir.Node, source: ValueSource) -> np.ndarray | None:
+    """A legacy export without constant folding writes a bias-less ``Linear`` as ``MatMul(X, Transpose(W))``."""
+    data = _input(node, 0, source)
+    if data is None:
+        return None
+    attribute = node.attributes.get("perm")
+    if attribute is None:
+        return np.transpose(data)  # reversed axes
+    perm = tuple(int(axis) for axis in attribute.as_ints())
+    if sorted(perm) != list(range(data.ndim)):
+        return None  # not a permutation of the input's axes: invalid
+    return np.transpose(data, perm)
+
+
 KERNELS: dict[str, Kernel] = {
     "Constant": constant_node_array,
     "Identity": _identity,
@@ -319,4 +341,5 @@ KERNELS: dict[str, Kernel] = {
     "Concat": _concat,
     "Expand": _expand,
     "ConstantOfShape": _constant_of_shape,
+    "Transpose": _transpose,
 }

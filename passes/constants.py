@@ -6,13 +6,16 @@ A value is constant when it is
   a graph input, any initializer (this is how Caffe2 and old PyTorch exported weights);
 - the output of a ``Constant`` node (``value``, ``value_float(s)``, ``value_int(s)``);
 - the output of one of the few ops :mod:`bnfold.passes.constant_eval` evaluates (``Identity``, ``Shape``,
-  ``Cast``, ``CastLike``, ``Reshape``, ``Unsqueeze``, ``Squeeze``, ``Concat``, ``Expand``, ``ConstantOfShape``)
+  ``Cast``, ``CastLike``, ``Reshape``, ``Unsqueeze``, ``Squeeze``, ``Concat``, ``Expand``, ``ConstantOfShape``,
+  ``Transpose``)
   whose inputs are constant — what raw dynamo exports compute a bias-less Conv's zero bias with. Evaluation
   never changes the graph, goes at most :data:`MAX_DEPTH` nodes deep and is size-capped (see that module).
-  Results are memoised per value (a model has thousands of values); an output of ``Constant`` and
-  ``Identity`` is looked up afresh, because the fold may rewrite a ``Constant`` node in place. The fold never
-  rewrites a tensor that an evaluated node reads (the writer rewrites in place only a constant read by the
-  rewritten layer alone), so a memoised result stays true.
+  Results are memoised per value (a model has thousands of values); an output of ``Constant``, ``Identity``
+  and ``Transpose`` is looked up afresh. The writer rewrites in place only a constant whose one data reader is
+  the node the fold updates: a layer (whose output is never evaluated), a ``Constant`` node (rewritten in
+  place), or the ``Transpose`` whose source the through-reshape rule scales (``MatMul(X, Transpose(W₀))``
+  folds into ``W₀``). So only those three ops can read a rewritten tensor; their outputs are never memoised
+  (each is a view or a lookup, cheap to redo), and every memoised result stays true.
 
 Inside a model-local function body there are no initializers: weights are ``Constant`` nodes, and the
 function's inputs are runtime values (a per-call-site specialisation can turn constant call arguments into
@@ -34,8 +37,8 @@ from bnfold.passes.ranks import RankResolver
 #: The longest chain of evaluated nodes (Identity included) below a value; deeper is "not constant".
 MAX_DEPTH = 64
 
-#: Ops whose output is never memoised (cheap, and a ``Constant`` node may be rewritten in place).
-_UNMEMOISED = frozenset({"Constant", "Identity"})
+#: Ops whose output is never memoised: cheap, and they may read a tensor the fold rewrites in place.
+_UNMEMOISED = frozenset({"Constant", "Identity", "Transpose"})
 
 
 class ConstantResolver:

@@ -287,18 +287,25 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 attempt.rank = self._constants.rank(attempt.add.runtime_value)
             if attempt.rank is None:
                 raise Skip(SkipReason.RANK_UNKNOWN, f"the rank of {producer.op_type}'s output is unknown")
-            if attempt.axis == 1:
-                added = per_channel_vector(attempt.add.constant, attempt.rank, affine.channels)
-            else:
-                added = per_axis_vector(attempt.add.constant, attempt.rank, attempt.axis, affine.channels)
+            try:
+                if attempt.axis == 1:
+                    added = per_channel_vector(attempt.add.constant, attempt.rank, affine.channels)
+                else:
+                    added = per_axis_vector(attempt.add.constant, attempt.rank, attempt.axis, affine.channels)
+            except Skip:
+                self._layer_plan(attempt, producer, rule, affine)  # a root cause in the layer itself comes first
+                raise
             affine = absorb_added_constant(affine, added)
-        if attempt.axis != 1:  # a MatMul whose channel is its last axis (LeViT's Linear → Flatten → BN)
-            plan = plan_matmul_columns(producer, affine, self._constants)
-        else:
-            plan = rule.plan(producer, affine, self._constants)
+        plan = self._layer_plan(attempt, producer, rule, affine)
         if plan.residual_shift is not None and attempt.rank is None:  # the rank is needed only for a shift
             attempt.rank = rule.output_rank(producer, self._constants)
         self._plan(attempt, producer, plan)
+
+    def _layer_plan(self, attempt: _Attempt, producer: ir.Node, rule: FoldRule, affine: Affine) -> FoldPlan:
+        """``rule``'s plan for ``producer`` (changes nothing; ``Skip`` when the layer cannot hold ``affine``)."""
+        if attempt.axis != 1:  # a MatMul whose channel is its last axis (LeViT's Linear → Flatten → BN)
+            return plan_matmul_columns(producer, affine, self._constants)
+        return rule.plan(producer, affine, self._constants)
 
     def _plan_split(self, attempt: _Attempt, concat: ir.Node, rule: ConcatSplitRule, affine: Affine) -> None:
         """Plan one fold per Concat input, each with its range of BN's channels (:mod:`~bnfold.passes.concat_split`).
@@ -529,7 +536,7 @@ def _check_readers(value: ir.Value, reader: ir.Node, producer: ir.Node) -> None:
         raise Skip(SkipReason.NEIGHBOUR_IN_OTHER_GRAPH, f"{producer.op_type} {producer.name!r} is in an outer graph")
     if value.is_graph_output():
         raise Skip(SkipReason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"{value.name!r} is a graph output")
-    uses = [use for use in value.uses() if not _reads_only_shape(use.node)]  # the fold keeps every shape
+    uses = [use for use in value.uses() if not forward_path.reads_only_metadata(use.node, use.idx)]  # kept by a fold
     if len(uses) != 1 or uses[0].node is not reader:
         raise Skip(SkipReason.PRODUCER_OUTPUT_SHARED, f"{value.name!r} is also read by other nodes")
 
@@ -548,10 +555,6 @@ def _following_add(layer: ir.Node, constants: ConstantResolver, features: int) -
         return add, per_channel_vector(add.constant, 2, features)
     except Skip:
         return None
-
-
-def _reads_only_shape(node: ir.Node) -> bool:
-    return node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx")
 
 
 def _input_label(reader: ir.Node) -> str:

@@ -23,8 +23,8 @@ a few nodes in between that keep that true:
 
 Every node of the path keeps dimension 0 (the batch), reads the previous value at input 0, and its output must
 be read by the next node alone; the fold removes the BN and lets the first path node read BN's input. Readers of
-a path value's *shape* (``Shape``, ``Size``) do not count: neither the BN nor the fold changes a shape, and a
-``Shape`` of BN's ``Y`` then reads BN's ``X``.
+a path value's *shape* (``Shape``, ``Size``) or *element type* (``CastLike``'s input 1) do not count: neither the
+BN nor the fold changes a shape or a type, and a ``Shape`` of BN's ``Y`` then reads BN's ``X``.
 
 Preconditions (each failure is a named :class:`~bnfold.passes.reasons.SkipReason`; the driver checks the path's
 readers and graphs):
@@ -88,23 +88,28 @@ def is_pass_through(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx") and node.op_type in PASS_THROUGH_OPS
 
 
+def reads_only_metadata(node: ir.Node, index: int) -> bool:
+    """Whether ``node``, reading a value at input ``index``, sees only its shape (``Shape``, ``Size``) or element
+    type (``CastLike``'s input 1: raw dynamo's ``CastLike(1.0, conv_out)`` for a BN without affine parameters),
+    which a fold keeps."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    return node.op_type in SHAPE_ONLY_OPS or (node.op_type == "CastLike" and index == 1)
+
+
 def data_readers(value: ir.Value) -> list[ir.Node]:
-    """The nodes that read ``value``'s data (every reader but ``Shape`` and ``Size``)."""
-    return [use.node for use in value.uses() if not _reads_shape_only(use.node)]
+    """The nodes that read ``value``'s data (every reader but those of :func:`reads_only_metadata`)."""
+    return [use.node for use in value.uses() if not reads_only_metadata(use.node, use.idx)]
 
 
 def sole_reader(value: ir.Value) -> ir.Node | None:
     """The one node reading ``value``'s data, at its input 0, when ``value`` is no graph output."""
     if value.is_graph_output():
         return None
-    uses = [use for use in value.uses() if not _reads_shape_only(use.node)]
+    uses = [use for use in value.uses() if not reads_only_metadata(use.node, use.idx)]
     if len(uses) != 1 or uses[0].idx != 0:
         return None
     return uses[0].node
-
-
-def _reads_shape_only(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type in SHAPE_ONLY_OPS
 
 
 def follow(batch_norm: ir.Node) -> ForwardPath:

@@ -60,7 +60,7 @@ Estimated for backward folds whose weight update scales ``W`` per channel (``Ten
 Conv, Gemm, MatMul); other plans (ConvTranspose, forward folds) get no estimate (``None``) and are not
 guarded. The weight norms are sums of squares of the original (un-multiplied) weight; a weight of more than
 ``NORM_SAMPLE_ELEMENTS`` elements is sampled at a stride along a reduced axis (the norm is rescaled), so the
-estimate never materialises a large planned weight and costs a bounded amount per BN. A BN of at most
+estimate never materialises a large planned weight and costs a bounded amount per BN. A layer of at most
 ``SCALAR_CHANNELS`` channels has its costs computed on Python floats: the same IEEE float64 operations in the
 same order (so the same value to the bit), without numpy's fixed cost per call, which dominates on a few channels.
 """
@@ -335,8 +335,6 @@ def _reduced_axes(ndim: int, scale_shape: tuple[int, ...]) -> tuple[int, ...] | 
 
 
 def _sum_of_squares(values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray | float:
-    if values.dtype in _NATIVE_FLOATS and values.size <= NORM_SAMPLE_ELEMENTS:  # (squared in float64 directly)
-        return np.add.reduce(np.square(values, dtype=np.float64), axis=axes)
     if values.size > NORM_SAMPLE_ELEMENTS and axes:
         axis = max(axes, key=lambda a: values.shape[a])
         stride = math.ceil(values.size / NORM_SAMPLE_ELEMENTS)
@@ -344,5 +342,13 @@ def _sum_of_squares(values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray | f
         index[axis] = slice(None, None, stride)
         sample = values[tuple(index)]
         factor = values.shape[axis] / sample.shape[axis]
-        return np.square(sample.astype(np.float64)).sum(axis=axes) * factor
-    return np.square(values.astype(np.float64)).sum(axis=axes)
+        return np.add.reduce(_squared(sample), axis=axes) * factor
+    return np.add.reduce(_squared(values), axis=axes)
+
+
+def _squared(values: np.ndarray) -> np.ndarray:
+    """``values²`` in float64 (an exact widening, then one multiply); a native float is widened inside the
+    ufunc, without a float64 copy of ``values`` first (the same array: same values, same memory order)."""
+    if values.dtype in _NATIVE_FLOATS:
+        return np.square(values, dtype=np.float64)
+    return np.square(values.astype(np.float64))

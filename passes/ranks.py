@@ -4,7 +4,11 @@ Some rules need the rank of a tensor the model does not annotate. For example, T
 bias-less ``Linear`` as a ``MatMul`` and records no shape on its output. When a recorded shape is missing,
 ONNX shape inference runs **once** on a copy of the model that holds no weight data (initializers become
 typed graph inputs), and its ranks are looked up by value name. The model itself is never changed: no
-inferred shape is written back. Only values of the main graph and its subgraphs are looked up; function
+inferred shape is written back. ONNX inference leaves a ``Reshape(x, Shape(y))`` without a shape when it
+cannot propagate the data of ``Shape(y)`` (at opset 13, LeViT's ``Reshape`` back to ``[B, N, C]`` before a
+decomposed hardswish), and everything after it too; yet by the spec its rank is the length of its ``shape``
+input. That rank is then added to the weightless copy and inference runs again (at most
+:data:`MAX_RESHAPE_ROUNDS` times). Only values of the main graph and its subgraphs are looked up; function
 bodies keep what they record.
 """
 
@@ -12,6 +16,9 @@ from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
+
+#: Rounds of "annotate Reshape ranks, infer again" (one per Reshape whose rank hangs on an earlier one).
+MAX_RESHAPE_ROUNDS = 4
 
 
 class RankResolver:
@@ -77,11 +84,43 @@ def _infer(model: ir.Model) -> dict[str, _Facts]:
     try:
         proto = ir.to_proto(weightless)
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        for _ in range(MAX_RESHAPE_ROUNDS):
+            if not _annotate_reshape_ranks(inferred.graph):
+                break
+            inferred = onnx.shape_inference.infer_shapes(inferred, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # best effort: a model that cannot be serialised or inferred just has unknown ranks
         return {}
     facts: dict[str, _Facts] = {}
     _collect(inferred.graph, facts)
     return facts
+
+
+def _annotate_reshape_ranks(graph: onnx.GraphProto) -> bool:
+    """Give each main-graph ``Reshape`` output that inference left without a shape the rank its spec implies —
+    the length of its ``shape`` input, when that input's own shape is a known ``[k]`` — as a value_info of ``k``
+    unknown dimensions; ``True`` when one was added (inference then runs again from there)."""
+    typed = {value.name: value for value in [*graph.input, *graph.output, *graph.value_info]}
+    added = False
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        output = typed.get(node.output[0]) if node.output else None
+        if output is not None and output.type.tensor_type.HasField("shape"):
+            continue
+        shape_input, data = typed.get(node.input[1]), typed.get(node.input[0])
+        if shape_input is None or not shape_input.type.tensor_type.HasField("shape"):
+            continue
+        dims = shape_input.type.tensor_type.shape.dim
+        if len(dims) != 1 or not dims[0].HasField("dim_value"):
+            continue
+        elem_type = data.type.tensor_type.elem_type if data is not None else 0
+        annotation = onnx.helper.make_tensor_value_info(node.output[0], elem_type, [None] * dims[0].dim_value)
+        if output is None:
+            graph.value_info.append(annotation)
+        else:
+            output.CopyFrom(annotation)
+        added = True
+    return added
 
 
 def _collect(graph: onnx.GraphProto, facts: dict[str, _Facts]) -> None:

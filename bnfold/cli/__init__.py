@@ -38,9 +38,10 @@ EXIT_CODES_EPILOG = """exit codes:
   3  unreadable or invalid model
   4  a provider required with --require-provider is unavailable
   5  the command needs onnxruntime and none is installed
-  6  an output could not be written (disk full, read-only, permission); nothing was replaced"""
+  6  an output could not be written (disk full, read-only, permission); nothing was replaced
+  70 internal error (a bug in bnfold: please report it)"""
 
-# The exit codes each subcommand can return (its --help lists only these; 1 is also any internal error).
+# The exit codes each subcommand can return (its --help lists only these, plus 70: an internal error).
 _EXIT_CODE_TEXT = {
     0: "success",
     2: "usage error",
@@ -70,6 +71,7 @@ def exit_codes_epilog(command: str) -> str:
     if codes is None:
         return EXIT_CODES_EPILOG
     lines = [f"  {code}  {text or _EXIT_CODE_TEXT[code]}" for code, text in sorted(codes.items())]
+    lines.append(f"  {int(ExitCode.INTERNAL)} internal error (a bug in bnfold: please report it)")
     return "exit codes:\n" + "\n".join(lines)
 
 
@@ -213,9 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Errors the library expects (:class:`~bnfold.errors.BnfoldError`) become one line on stderr and their exit
     code; an ``OSError`` (disk full, permission denied) one line and exit code 1; running out of memory one line
-    naming the inputs; anything else one "internal error" line naming the inputs and exit code 1. ``--debug``
-    adds the traceback. Ctrl-C and SIGTERM — while the modules load, too — print one line and exit 130 / 143
-    after the staged files are removed (they unwind as :class:`KeyboardInterrupt`).
+    naming the inputs; anything else one "internal error" line naming the inputs and exit code 70
+    (``ExitCode.INTERNAL``, sysexits' EX_SOFTWARE: CI can tell a crash from a mismatch). ``--debug`` adds the
+    traceback. Ctrl-C and SIGTERM — while the modules load, too — print one line and exit 130 / 143 after the
+    staged files are removed (they unwind as :class:`KeyboardInterrupt`).
     """
     try:
         with _termination_unwinds():
@@ -272,4 +275,4 @@ def _main(argv: Sequence[str] | None) -> int:
             context = f" on {inputs}" if inputs else ""
             message = f"bnfold: internal error{context}: {type(error).__name__}: {error}"
             print(_one_line(message) + " (rerun with --debug for the traceback)", file=sys.stderr)
-            return ExitCode.FAILED
+            return ExitCode.INTERNAL

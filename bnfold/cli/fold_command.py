@@ -272,6 +272,7 @@ def batch_totals(outcomes: list[FoldOutcome], seconds: float) -> dict[str, Any]:
     return {
         "models": len(outcomes),
         "succeeded": sum(outcome.ok for outcome in outcomes),
+        "with_folds": sum(outcome.ok and bool(outcome.report and outcome.report.folded) for outcome in outcomes),
         "failed": sum(not outcome.ok for outcome in outcomes),
         "batch_norm_folded": sum(len(report.folded) for report in reports),
         "batch_norm_total": sum(len(report.records) for report in reports),

@@ -153,12 +153,14 @@ def render_batch_outcome(console: Console, outcome: FoldOutcome, *, verbose: boo
 
 
 def render_batch_total(console: Console, totals: dict[str, Any]) -> None:
-    """The batch's last line: models folded, failed, BN folded, time (``totals``: see ``batch_totals``)."""
+    """The batch's last line: models that succeeded (how many of them had a BN folded: a model with nothing to fold
+    succeeds without being "folded"), failed, BN folded, time (``totals``: see ``batch_totals``)."""
     style = "bold green" if totals["failed"] == 0 else "bold red"
     console.print(
         Text.assemble(
             ("total: ", "bold"),
-            (f"{totals['succeeded']}/{totals['models']} models folded", style),
+            (f"{totals['succeeded']}/{totals['models']} models succeeded", style),
+            f" ({totals.get('with_folds', totals['succeeded'])} with a BN folded)",
             f", {totals['failed']} failed, {totals['batch_norm_folded']}/{totals['batch_norm_total']} BN folded, "
             f"{totals['seconds']:.2f} s",
         ),

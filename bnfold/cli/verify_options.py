@@ -399,8 +399,13 @@ def render_verify_report(console: Console, report: VerifyReport, *, written: boo
             if others and not float64:
                 listed = ", ".join(others) if len(others) <= 3 else f"{len(others)} folds"
                 later = f" (downstream, as a consequence, also: {listed})"
+            together = ""
+            if len(verdict.responsible_folds) > 1:  # several folds wrote the layer where the divergence shows
+                folds = ", ".join(verdict.responsible_folds)
+                together = f" (measured at its output; the folds of {folds} all write it)"
             console.print(
-                f"[bold red]{run.requested}: responsible fold: {verdict.responsible}[/]{later}", soft_wrap=True
+                f"[bold red]{run.requested}: responsible fold: {verdict.responsible}[/]{together}{later}",
+                soft_wrap=True,
             )
         elif verdict.verdict is Verdict.FAILED and run.probes:
             console.print(

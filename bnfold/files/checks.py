@@ -461,7 +461,7 @@ def _check_tensor(tensor: onnx.TensorProto, where: str) -> None:
     if dtype != ir.DataType.STRING and dtype.bitwidth == 6:  # FLOAT6 packing is only validated when decoded
         try:
             ir.serde.TensorProtoTensor(tensor).tobytes()
-        except Exception as error:
+        except (ValueError, TypeError, ir.serde.SerdeError) as error:  # (onnx_ir's words for malformed packing)
             raise InvalidModelError(f"{where}: malformed tensor data ({one_line(error)})") from error
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+from google.protobuf.message import DecodeError
 
-from bnfold.errors import InvalidModelError, UsageError, one_line
+from bnfold.errors import BnfoldError, InvalidModelError, UsageError, one_line
 from bnfold.files.checks import check_external_data, check_model_proto, iter_tensor_protos
 from bnfold.files.inputs import open_regular_file, shown_path
 from bnfold.files.paths import external_data_name
@@ -26,10 +27,20 @@ from bnfold.passes.scopes import model_graphs
 ModelInput = str | os.PathLike | onnx.ModelProto | ir.Model
 # ``ir.Model.meta`` key set by the loaders: frozenset of the resolved files the model was read from.
 SOURCE_FILES_META = "bnfold.source_files"
+# ``ir.Model.meta`` key set by the loaders: whether the model read tensors from external-data files (other than
+# the model file itself). Saving keeps that layout even after folding replaced every external tensor.
+SOURCE_EXTERNAL_META = "bnfold.source_had_external_data"
+# ``ir.Model.meta`` key set by the loaders: frozenset of the names of initializers whose type the source file
+# recorded in ``value_info``. onnx_ir gives every initializer a type and writes one for each; the writer drops the
+# entries the source did not have (:func:`bnfold.files.serialize.write_model`), so an unchanged model stays the same.
+INITIALIZER_INFO_META = "bnfold.initializer_value_info"
 # Main-graph initializers at least this large are read lazily from a self-contained file (:func:`open_lazily`).
 LAZY_TENSOR_BYTES = 64 * 1024
 # Below this file size a self-contained model is parsed whole (the wire scan would not pay off).
 LAZY_FILE_BYTES = 16 * 1024**2
+# What onnx_ir raises for a checked protobuf it cannot represent (its serde wraps its own failures in SerdeError;
+# value errors come from unknown enum values and malformed fields). Anything else is a bug and surfaces as one.
+_NOT_REPRESENTABLE = (ir.serde.SerdeError, ValueError, TypeError, KeyError, IndexError)
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -55,12 +66,13 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise
     except OSError as error:  # permission denied, I/O error, name too long
         raise InvalidModelError(f"{shown}: cannot read ({error.strerror or one_line(error)})") from error
-    except Exception as error:  # protobuf's DecodeError for bytes that are not a model
+    except (DecodeError, RecursionError) as error:  # bytes that are not a protobuf ModelProto (or nested too deep)
         raise InvalidModelError(f"{shown}: not a valid ONNX model ({one_line(error)})") from error
+    # (anything else raised here is a bug in bnfold, not in the file: it surfaces as an internal error)
     check_model_proto(proto, source=shown)
     check_external_data(proto, path.parent, source=shown)
     model = _deserialize(proto, source=shown)
-    finish_loading(model, path.parent, source=path)
+    finish_loading(model, path.parent, source=path, proto=proto)
     return model
 
 
@@ -76,7 +88,7 @@ def as_model(model: ModelInput) -> ir.Model:
         check_model_proto(model, source="<ModelProto>")
         check_external_data(model, None, source="<ModelProto>")
         loaded = _deserialize(model, source="<ModelProto>")
-        finish_loading(loaded, None, source="<ModelProto>")
+        finish_loading(loaded, None, source="<ModelProto>", proto=model)
         return loaded
     if isinstance(model, (str, os.PathLike)):
         return load_model(model)
@@ -105,15 +117,14 @@ def open_lazily(path: str | os.PathLike) -> ir.Model:
         return load_model(path)
     check_model_proto(proto, source=shown_path(path))
     check_external_data(proto, path.parent, source=shown_path(path))
-    try:
-        model = ir.serde.deserialize_model(proto)
-    except Exception as error:
-        raise InvalidModelError(f"{shown_path(path)}: invalid ONNX model ({one_line(error)})") from error
-    finish_loading(model, path.parent, source=path)
+    model = _deserialize(proto, source=shown_path(path))
+    finish_loading(model, path.parent, source=path, proto=proto)
     return model
 
 
-def finish_loading(model: ir.Model, base_dir: Path | None, *, source: object) -> None:
+def finish_loading(
+    model: ir.Model, base_dir: Path | None, *, source: object, proto: onnx.ModelProto | None = None
+) -> None:
     """Complete a model deserialised from a checked protobuf (every loader calls this last).
 
     - external tensors resolve against ``base_dir``, the model file's directory (``None``: no file);
@@ -123,6 +134,9 @@ def finish_loading(model: ir.Model, base_dir: Path | None, *, source: object) ->
     - ``model.meta[SOURCE_FILES_META]`` records the resolved paths of the model file (``source`` when it is a
       path) and of every external-data file it reads, so that a writer can refuse to replace any of them even
       after folding dropped the last tensor that read a file (``model.clone()`` does not copy ``meta``);
+    - ``model.meta[SOURCE_EXTERNAL_META]`` records whether it read external data from another file, so a save
+      keeps that layout after folding replaced every external tensor; ``model.meta[INITIALIZER_INFO_META]`` the
+      initializers ``proto`` (the checked protobuf, when given) declared in ``value_info``;
     - the nodes are sorted topologically (stable: a sorted graph keeps its order). ONNX requires that order
       and :func:`check_model_proto` refused cycles, but out-of-order files exist and passes (``clone``,
       shape inference) assume the order.
@@ -147,7 +161,7 @@ def finish_loading(model: ir.Model, base_dir: Path | None, *, source: object) ->
     if len(graphs) > 1 or not in_order(model.graph):
         try:
             model.graph.sort()
-        except Exception as error:  # a cycle check_model_proto did not see (through a subgraph)
+        except (ValueError, RuntimeError) as error:  # a cycle check_model_proto did not see (through a subgraph)
             raise InvalidModelError(f"{source}: the graph cannot be ordered ({one_line(error)})") from error
     data_paths: set[str] = set()
     is_external: dict[type, bool] = {}  # per tensor class: isinstance on onnx_ir's protocol classes is slow
@@ -164,8 +178,11 @@ def finish_loading(model: ir.Model, base_dir: Path | None, *, source: object) ->
                 if tensor.dtype.bitwidth == 6:
                     _in_memory(tensor, source)  # FLOAT6 data must have zero padding bits: validate now
     source_files = {Path(os.path.realpath(path)) for path in data_paths}
+    external = bool(source_files)
     if isinstance(source, (str, os.PathLike)):
-        source_files.add(Path(os.path.realpath(source)))
+        itself = Path(os.path.realpath(source))
+        external = bool(source_files - {itself})  # (a large file read lazily refers to itself: not external data)
+        source_files.add(itself)
     bodies: list[ir.Graph | ir.Function] = [*graphs, *model.functions.values()]
     for body in bodies:
         in_graph = base is not None and not isinstance(body, ir.Function)
@@ -186,6 +203,26 @@ def finish_loading(model: ir.Model, base_dir: Path | None, *, source: object) ->
                     tensors = [_in_memory(tensor, source) for tensor in attribute.value]
                     node.attributes[name] = ir.AttrTensors(name, tensors)
     model.meta[SOURCE_FILES_META] = frozenset(source_files)
+    model.meta[SOURCE_EXTERNAL_META] = external
+    if proto is not None:
+        model.meta[INITIALIZER_INFO_META] = frozenset(_initializer_info_names(proto))
+
+
+def _initializer_info_names(proto: onnx.ModelProto) -> set[str]:
+    """Names of the initializers that have a ``value_info`` entry in their graph (main graph and subgraphs)."""
+    names: set[str] = set()
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        initializers = {tensor.name for tensor in graph.initializer}
+        initializers.update(sparse.values.name for sparse in graph.sparse_initializer)
+        names.update(info.name for info in graph.value_info if info.name in initializers)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)
+    return names
 
 
 def _in_memory(tensor: ir.TensorProtocol, source: object) -> ir.TensorProtocol:
@@ -193,7 +230,7 @@ def _in_memory(tensor: ir.TensorProtocol, source: object) -> ir.TensorProtocol:
         return tensor
     try:
         return ir.Tensor(tensor.numpy().copy(), name=tensor.name)
-    except Exception as error:
+    except (OSError, *_NOT_REPRESENTABLE) as error:  # unreadable, or bytes that do not decode as the tensor
         message = f"{source}: tensor {tensor.name!r}: cannot read external data ({one_line(error)})"
         raise InvalidModelError(message) from error
 
@@ -201,7 +238,7 @@ def _in_memory(tensor: ir.TensorProtocol, source: object) -> ir.TensorProtocol:
 def _deserialize(proto: onnx.ModelProto, *, source: object) -> ir.Model:
     try:
         return ir.serde.deserialize_model(proto)
-    except Exception as error:
+    except (*_NOT_REPRESENTABLE, RecursionError) as error:
         raise InvalidModelError(f"{source}: invalid ONNX model ({one_line(error)})") from error
 
 
@@ -284,7 +321,7 @@ def data_files_of(path: str | os.PathLike) -> set[Path]:
                 proto = read_model_proto(path)
         else:
             proto = read_model_proto(path)
-    except Exception:  # not a model: the loader says so, in its words
+    except (BnfoldError, OSError, DecodeError, RecursionError):  # not a model: the loader says so, in its words
         return set()
     files = set()
     for tensor in iter_tensor_protos(proto):

@@ -16,12 +16,16 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import InvalidModelError, UsageError
+from bnfold.files.inputs import open_regular_file
+from bnfold.files.load import INITIALIZER_INFO_META
 from bnfold.files.wire import GRAPH_INITIALIZER, MODEL_GRAPH, TENSOR_RAW_DATA, len_field
 from bnfold.files.writer import DataFile, OutputFile, append_tensor, is_on_disk
 from bnfold.passes.scopes import model_graphs
 
 # Models above this size cannot be serialised as one protobuf (2 GiB limit), so they go to external data.
 PROTOBUF_LIMIT_BYTES = 2 * 1024**3
+# Up to this size, a written model equal to its source is replaced by a byte copy of it (:func:`keep_source_bytes`).
+SAME_CONTENT_CHECK_BYTES = 16 * 1024**2
 # Tensors smaller than this stay inside the .onnx file when external data is written.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1024
 # In a self-contained output, initializers at least this large are streamed as raw bytes.
@@ -74,6 +78,9 @@ def write_model(model: ir.Model, path: str | os.PathLike, data: DataFile | None 
     finally:
         for value, tensor in reversed(swapped):
             value.const_value = tensor
+    declared = model.meta.get(INITIALIZER_INFO_META)
+    if declared is not None:
+        _drop_added_initializer_info(proto.graph, declared)
     if data is not None:
         output = OutputFile(path)
         try:
@@ -82,6 +89,45 @@ def write_model(model: ir.Model, path: str | os.PathLike, data: DataFile | None 
             output.close()
         return
     _stream_self_contained(proto, streamed, path)
+
+
+def _drop_added_initializer_info(graph: onnx.GraphProto, declared: frozenset[str]) -> None:
+    """Remove the ``value_info`` entries onnx_ir adds for initializers the source file did not declare.
+
+    onnx_ir gives every initializer a type and shape on load and writes a ``value_info`` entry for each, so an
+    unchanged model would grow by one entry per initializer. An entry is dropped only when it says no more than
+    the initializer itself (same element type, same fixed dimensions) and the source (``declared``: names from
+    :data:`~bnfold.files.load.INITIALIZER_INFO_META`) had none; graph inputs are not initializer entries.
+    """
+    tensors = {tensor.name: tensor for tensor in graph.initializer}
+    inputs = {value.name for value in graph.input}
+
+    def redundant(info: onnx.ValueInfoProto) -> bool:
+        tensor = tensors.get(info.name)
+        if tensor is None or info.name in declared or info.name in inputs or info.doc_string or info.metadata_props:
+            return False
+        if info.type.WhichOneof("value") != "tensor_type":
+            return False
+        tensor_type = info.type.tensor_type
+        if tensor_type.elem_type != tensor.data_type or not tensor_type.HasField("shape"):
+            return False
+        dims = tensor_type.shape.dim
+        return len(dims) == len(tensor.dims) and all(
+            dim.HasField("dim_value") and dim.dim_value == size and not dim.denotation
+            for dim, size in zip(dims, tensor.dims, strict=True)
+        )
+
+    entries = list(graph.value_info)
+    kept = [info for info in entries if not redundant(info)]
+    if len(kept) != len(entries):
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                _drop_added_initializer_info(attribute.g, declared)
+            for subgraph in attribute.graphs:
+                _drop_added_initializer_info(subgraph, declared)
 
 
 def _order_value_info_like_initializers(graph: onnx.GraphProto, initializer_order: list[str]) -> None:
@@ -161,3 +207,41 @@ def _stream_self_contained(proto: onnx.ModelProto, streamed: list[ir.TensorProto
                 raise InvalidModelError(f"tensor {tensor.name!r}: wrote {output.position - start} bytes")
     finally:
         output.close()
+
+
+def keep_source_bytes(source: str | os.PathLike, written: str | os.PathLike) -> bool:
+    """Replace the new self-contained file ``written`` by a byte copy of ``source`` when both hold the same model.
+
+    For a fold that changed nothing: re-serialising may differ from the input in encoding only (field order, an
+    explicit default opset domain, the order of the main graph's initializers and value_info entries, neither of
+    which means anything), and an unchanged model should come out as the input's bytes. The two files are parsed
+    and compared as protobuf messages, so a model that differs in any field keeps its written bytes.
+    Only files up to :data:`SAME_CONTENT_CHECK_BYTES` are compared (both are held in memory); returns whether
+    ``written`` now holds ``source``'s bytes.
+    """
+    source, written = Path(source), Path(written)
+    if written.stat().st_size > SAME_CONTENT_CHECK_BYTES:
+        return False
+    with open_regular_file(source, "", error=InvalidModelError) as handle:
+        if os.fstat(handle.fileno()).st_size > SAME_CONTENT_CHECK_BYTES:
+            return False
+        original = handle.read()
+    models = []
+    for data in (original, written.read_bytes()):
+        model = onnx.ModelProto()
+        try:
+            model.ParseFromString(data)
+        except Exception:  # (protobuf's DecodeError; the source was parsed before, so this is not expected)
+            return False
+        for opset in model.opset_import:
+            opset.domain = opset.domain  # an omitted default domain and an explicit "" mean the same
+        for field in (model.graph.initializer, model.graph.value_info):  # (large initializers are written last)
+            entries = sorted(field, key=lambda entry: entry.name)
+            del field[:]
+            field.extend(entries)
+        models.append(model)
+    if models[0] != models[1]:
+        return False
+    with open(written, "wb") as output:
+        output.write(original)
+    return True

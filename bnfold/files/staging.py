@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from bnfold.errors import UsageError, WriteFailedError, one_line
 from bnfold.files import serialize
-from bnfold.files.load import estimated_size_bytes, external_files, has_external_data
+from bnfold.files.load import SOURCE_EXTERNAL_META, estimated_size_bytes, external_files, has_external_data
 from bnfold.files.paths import external_data_name
 from bnfold.files.serialize import PROTOBUF_LIMIT_BYTES
 from bnfold.files.writer import DataFile
@@ -43,8 +43,9 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
 def stage_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> StagedModel:
     """Write ``model`` under a temporary directory beside ``path``; :meth:`StagedModel.commit` moves it in.
 
-    ``external_data=None`` chooses: external data when the model already had external tensors or its
-    tensors exceed the 2 GiB protobuf limit (file names: :func:`create_staging`). Tensors already on disk are
+    ``external_data=None`` chooses: external data when the model has external tensors, was loaded from a file
+    with external data (even when folding replaced every external tensor since) or its tensors exceed the 2 GiB
+    protobuf limit (file names: :func:`create_staging`). Tensors already on disk are
     copied byte for byte, never decoded; a self-contained model is streamed, never built as one protobuf
     (:mod:`bnfold.files.serialize`). The staged files can be used (verified, for instance) before they replace
     anything at ``path``. ``model`` is unchanged.
@@ -88,7 +89,11 @@ def create_staging(
     """
     path = Path(path)
     if external_data is None:
-        external_data = has_external_data(model) or estimated_size_bytes(model) >= PROTOBUF_LIMIT_BYTES
+        external_data = (
+            has_external_data(model)
+            or bool(model.meta.get(SOURCE_EXTERNAL_META))  # (folding may have replaced every external tensor)
+            or estimated_size_bytes(model) >= PROTOBUF_LIMIT_BYTES
+        )
     directory = path.parent
     if not directory.is_dir():
         raise UsageError(f"{path}: output directory {directory} does not exist")

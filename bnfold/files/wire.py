@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import DecodeError
 
 from bnfold.errors import InvalidModelError
 from bnfold.files.inputs import open_regular_file
@@ -133,7 +134,7 @@ def _rebuild_with_references(buffer: memoryview, location: str, min_tensor_bytes
     model = b"".join([*model_parts, len_field(MODEL_GRAPH, len(graph)), graph])
     try:
         return onnx.ModelProto.FromString(model)
-    except Exception as error:
+    except (DecodeError, RecursionError) as error:  # (the loader then parses the file and says what is wrong)
         raise UnsupportedLayout(str(error)) from error
 
 

@@ -69,6 +69,8 @@ def verify_markdown(report: VerifyReport) -> str:
             )
         if verdict.responsible:
             lines.append(f"- ❌ `{run.requested}`: first divergent fold **{verdict.responsible}**")
+            if len(verdict.responsible_folds) > 1:
+                lines[-1] += f" (its output is written by the folds of {', '.join(verdict.responsible_folds)})"
         if run.float64 is not None and run.float64.unavailable is None:
             figures = ", ".join(
                 f"`{truth.name}` original {_max_abs(truth.original)}, candidate {_max_abs(truth.candidate)}"

@@ -64,6 +64,8 @@ def verify_cases(report: VerifyReport, *, classname: str | None = None) -> tuple
                 failure = "; ".join(judgement.reasons)
                 if verdict.responsible:
                     failure += f"; first divergent fold: {verdict.responsible}"
+                    if len(verdict.responsible_folds) > 1:
+                        failure += f" (written together by the folds of {', '.join(verdict.responsible_folds)})"
             elif verdict.verdict is Verdict.FAILED and outputs_pass:  # a fold diverges that the outputs hide
                 failure = "; ".join(verdict.reasons)
             errors = metrics[output].errors

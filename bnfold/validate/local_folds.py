@@ -156,3 +156,39 @@ def sub_model(
     model = helper.make_model(cut, opset_imports=list(source.proto.opset_import), ir_version=ir_version)
     model.functions.extend(source.proto.functions)
     return dataclasses.replace(source, label=f"{source.label}[{output}]", proto=model)
+
+
+def folds_between(
+    original: ModelSource, inputs: Sequence[str], output: str, labels: Mapping[str, str]
+) -> tuple[str, ...]:
+    """The BatchNormalization nodes of ``original`` that compute ``output`` from ``inputs`` (the cut of
+    :func:`fold_inputs`), in graph order: every fold that wrote the candidate's layers in between.
+
+    Usually one (the fold whose output ``output`` is); more when, e.g., a forward fold (whose own output
+    tensor no longer exists) and a backward fold wrote into the same weight: a divergence at ``output`` is
+    then measured for all of them together. Each is named by ``labels[its output]`` when probed, else by its
+    node name (``BatchNormalization #index`` when unnamed).
+    """
+    graph = original.proto.graph
+    constants = _constants(graph)
+    producers = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+    wanted = set(inputs)
+    found: set[int] = set()
+    stack, seen = [output], set()
+    while stack:
+        name = stack.pop()
+        if not name or name in seen or name in wanted or name in constants:
+            continue
+        seen.add(name)
+        index = producers.get(name)
+        if index is None:
+            continue
+        node = graph.node[index]
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            found.add(index)
+        stack.extend(node.input)
+    names = []
+    for index in sorted(found):
+        node = graph.node[index]
+        names.append(labels.get(node.output[0]) or node.name or f"BatchNormalization #{index}")
+    return tuple(names)

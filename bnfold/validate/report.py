@@ -7,8 +7,9 @@ A report is immutable. :meth:`VerifyReport.judge` re-judges the stored measureme
 Verdicts: a provider that did not really run is SKIPPED (never PASSED); the report is FAILED when anything
 failed, PASSED when every requested provider passed, SKIPPED otherwise.
 
-A provider whose outputs fail the tolerance table on numbers alone is judged again against the float64
-truth when the run measured it (:class:`Float64Check`, see :mod:`bnfold.validate.float64_reference` and
+A provider whose outputs fail the tolerance table on numbers alone (or that has float16/bfloat16 outputs
+or probes, even when the table passes) is judged again against the float64 truth when the run measured it
+(:class:`Float64Check`, see :mod:`bnfold.validate.float64_reference` and
 :class:`~bnfold.validate.tolerances.Float64Rule`) and no atol/rtol was given explicitly: the verdict's
 ``basis`` is then ``"float64"``, and every output *and* every probed fold must pass the float64 rule.
 """
@@ -22,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from bnfold.validate.metrics import TensorMetrics, encode_float
-from bnfold.validate.tolerances import Float64Rule, Tolerance, ToleranceTable
+from bnfold.validate.tolerances import Float64Rule, Tolerance, ToleranceTable, is_reduced_precision
 
 
 class Verdict(str, enum.Enum):
@@ -104,19 +105,28 @@ class ProbeMetrics:
     """An intermediate tensor present in both models (e.g. a folded BN's output) and its measurements.
 
     ``label`` names what the tensor stands for (the BN node); ``order`` is the index of the node producing it
-    in the original graph, so sorting by it is topological.
+    in the original graph, so sorting by it is topological. ``folds`` names every BatchNormalization of the
+    original between this tensor and where its fold begins (:func:`bnfold.validate.local_folds.folds_between`):
+    more than ``label`` when another fold (e.g. a forward fold whose own output tensor is gone) wrote into the
+    same layer, so that a divergence here may come from any of them. Empty: ``label`` alone.
     """
 
     label: str
     order: int
     metrics: TensorMetrics
+    folds: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "order": self.order, "metrics": self.metrics.to_dict()}
+        return {"label": self.label, "order": self.order, "folds": list(self.folds), "metrics": self.metrics.to_dict()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProbeMetrics:
-        return cls(label=data["label"], order=int(data["order"]), metrics=TensorMetrics.from_dict(data["metrics"]))
+        return cls(
+            label=data["label"],
+            order=int(data["order"]),
+            metrics=TensorMetrics.from_dict(data["metrics"]),
+            folds=tuple(data.get("folds", ())),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +146,7 @@ class TruthMetrics:
     label: str | None = None
     order: int | None = None
     scope: str = "network"
+    folds: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -144,6 +155,7 @@ class TruthMetrics:
             "label": self.label,
             "order": self.order,
             "scope": self.scope,
+            "folds": list(self.folds),
             "original": self.original.to_dict(),
             "candidate": self.candidate.to_dict(),
         }
@@ -158,6 +170,7 @@ class TruthMetrics:
             label=data.get("label"),
             order=data.get("order"),
             scope=data.get("scope", "network"),
+            folds=tuple(data.get("folds", ())),
         )
 
 
@@ -317,6 +330,9 @@ class ProviderVerdict:
     is ``responsible`` (errors propagate downstream, so later probes diverge as a consequence).
     ``basis`` is ``"float32"`` (the tolerance table decided) or ``"float64"`` (the float64 rule decided:
     ``float64_outputs``/``float64_probes`` hold its judgements, and ``divergent`` comes from them).
+    ``responsible_folds``: every fold that wrote the layers between the responsible probe and where its fold
+    begins (``responsible`` plus, e.g., a forward fold into the same weight), in graph order; on a mismatch
+    the measurement cannot tell them apart, so all are named.
     """
 
     requested: str
@@ -329,6 +345,7 @@ class ProviderVerdict:
     basis: str = "float32"
     float64_outputs: tuple[Judgement, ...] = ()
     float64_probes: tuple[Judgement, ...] = ()
+    responsible_folds: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -339,18 +356,29 @@ class ProviderVerdict:
             "probes": [judgement.to_dict() for judgement in self.probes],
             "divergent": list(self.divergent),
             "responsible": self.responsible,
+            "responsible_folds": list(self.responsible_folds),
             "basis": self.basis,
             "float64_outputs": [judgement.to_dict() for judgement in self.float64_outputs],
             "float64_probes": [judgement.to_dict() for judgement in self.float64_probes],
         }
 
 
+def reduced_precision(run: ProviderRun) -> bool:
+    """Whether an output or a probed tensor of ``run`` is float16 or bfloat16: then the tolerance table cannot
+    tell a wrong fold from rounding, and the float64 rule decides even when the table passes."""
+    return any(
+        is_reduced_precision(metrics.reference_dtype)
+        for metrics in (*run.outputs, *(probe.metrics for probe in run.probes))
+    )
+
+
 def float64_applies(run: ProviderRun, verdict: ProviderVerdict, tolerances: ToleranceTable) -> bool:
-    """Whether a float32 failure may be re-judged against the float64 truth: it failed on values only (the
-    candidate ran; no NaN, shape or dtype difference in an output or a probe) and no atol/rtol was given
-    explicitly."""
+    """Whether the float64 truth judges this run: the table failed it on values only (the candidate ran; no
+    NaN, shape or dtype difference in an output or a probe), or it passed but holds float16/bfloat16
+    tensors (:func:`reduced_precision`: the table cannot tell a bug from rounding there); and no atol/rtol
+    was given explicitly (a fixed bound stands alone)."""
     return (
-        verdict.verdict is Verdict.FAILED
+        (verdict.verdict is Verdict.FAILED or (verdict.verdict is Verdict.PASSED and reduced_precision(run)))
         and run.run_error is None
         and not tolerances.fixed_bound
         and all(numeric_only(metrics) for metrics in (*run.outputs, *(probe.metrics for probe in run.probes)))
@@ -364,6 +392,8 @@ def judge_run(run: ProviderRun, tolerances: ToleranceTable, rule: Float64Rule | 
         return verdict
     if run.float64.unavailable is not None:
         reason = f"no float64 verdict: {run.float64.unavailable}"
+        if verdict.verdict is Verdict.PASSED:
+            reason += " (the float16/bfloat16 table alone decided; it cannot tell a small fold bug from rounding)"
         return dataclasses.replace(verdict, reasons=(*verdict.reasons, reason))
     return _judge_float64(run, run.float64, verdict, tolerances, rule or Float64Rule())
 
@@ -372,7 +402,7 @@ def _judge_float64(
     run: ProviderRun, check: Float64Check, float32: ProviderVerdict, tolerances: ToleranceTable, rule: Float64Rule
 ) -> ProviderVerdict:
     def judge(truth: TruthMetrics) -> Judgement:
-        return judge_against_truth(truth, tolerances.for_output(truth.name, truth.dtype), rule)
+        return judge_against_truth(truth, rule.floor(truth.dtype, tolerances.for_output(truth.name, truth.dtype)), rule)
 
     outputs = tuple(judge(truth) for truth in check.outputs)
     ordered = sorted(check.probes, key=lambda truth: truth.order if truth.order is not None else -1)
@@ -391,26 +421,49 @@ def _judge_float64(
     if failed_outputs:
         reasons.append(f"output(s) {', '.join(failed_outputs)} differ from the float64 evaluation ({figures})")
         if not divergent and check.probes:
-            reasons.append("no probed fold diverges: the difference arises outside the folded tensors")
+            reasons.append(
+                "no probed fold diverges when checked on its own: the difference arises outside the folded "
+                "tensors, or in a fold whose error only the network's own inputs reveal"
+            )
     elif divergent:
         reasons.append(f"the outputs are within the float64 rule ({figures}) but a fold diverges")
+    elif float32.verdict is Verdict.PASSED:
+        reasons.append(
+            "float16/bfloat16 tensors: the float64 rule decided (the table cannot tell a fold bug from rounding); "
+            f"the candidate is no farther from the float64 evaluation than the original allows ({figures})"
+        )
     else:
         reasons.append(
             "float32 differences are rounding: the candidate is no farther from the float64 evaluation than "
             f"the original allows ({figures})"
         )
+    responsible_folds = ()
     if divergent:
-        reasons.append(f"first divergent fold: {divergent[0]}")
+        first = next(truth for truth, j in zip(ordered, probes, strict=True) if j.verdict is Verdict.FAILED)
+        responsible_folds = first.folds or (divergent[0],)
+        reasons.append(_blame(divergent[0], responsible_folds))
     failed = bool(failed_outputs or divergent)
     return dataclasses.replace(
         float32,
         verdict=Verdict.FAILED if failed else Verdict.PASSED,
         divergent=divergent,
         responsible=divergent[0] if failed and divergent else None,
+        responsible_folds=responsible_folds if failed else (),
         reasons=tuple(reasons),
         basis="float64",
         float64_outputs=outputs,
         float64_probes=probes,
+    )
+
+
+def _blame(first: str, folds: tuple[str, ...]) -> str:
+    """The reason naming the first divergent fold and, when its tensor is written by several folds (a forward
+    fold and a backward fold into one weight), every one of them: the measurement cannot tell them apart."""
+    if len(folds) <= 1:
+        return f"first divergent fold: {first}"
+    return (
+        f"first divergent fold: {first}, measured at its output, which the folds of {', '.join(folds)} "
+        "all write (folded into the same layer): any of them may be wrong"
     )
 
 
@@ -442,8 +495,11 @@ def _judge_float32(run: ProviderRun, tolerances: ToleranceTable) -> ProviderVerd
             reasons.append("no probed fold diverges: the difference arises outside the folded tensors")
     elif divergent:
         reasons.append("the outputs are within tolerance but a fold's output is not (the network attenuates it)")
+    responsible_folds: tuple[str, ...] = ()
     if divergent:
-        reasons.append(f"first divergent fold: {divergent[0]}")
+        first = next(probe for probe, j in zip(ordered, probes, strict=True) if j.verdict is Verdict.FAILED)
+        responsible_folds = first.folds or (divergent[0],)
+        reasons.append(_blame(divergent[0], responsible_folds))
     failed = run.run_error is not None or bool(failed_outputs) or bool(divergent)
     return ProviderVerdict(
         requested=run.requested,
@@ -453,6 +509,7 @@ def _judge_float32(run: ProviderRun, tolerances: ToleranceTable) -> ProviderVerd
         divergent=divergent,
         responsible=divergent[0] if divergent and failed else None,
         reasons=tuple(reasons),
+        responsible_folds=responsible_folds if failed else (),
     )
 
 
@@ -532,8 +589,10 @@ class VerifyReport:
 
     @property
     def responsible(self) -> tuple[str, ...]:
-        """The folds held responsible for a mismatch, over all providers, without repeats."""
-        return tuple(dict.fromkeys(v.responsible for v in self.verdicts if v.responsible))
+        """The folds held responsible for a mismatch, over all providers, without repeats: each provider's
+        first divergent fold and every other fold that wrote into the same layer (``responsible_folds``)."""
+        names = (name for v in self.verdicts for name in (v.responsible_folds or (v.responsible,)) if name)
+        return tuple(dict.fromkeys(names))
 
     def results(self) -> Iterator[tuple[ProviderRun, ProviderVerdict]]:
         """Each provider's measurements with its verdict."""

@@ -18,15 +18,18 @@ bfloat16  8e-2   8e-2   8x the float16 row: bfloat16 epsilon 2^-7 is 8x float16'
 Every other element type (integers, bool) must match exactly. Overrides: one ``atol``/``rtol`` for every
 output, and per-output values (``name -> value``) that win over both the global value and the table.
 
-**The float64 rule** (:class:`Float64Rule`), used only when the table above fails a candidate on numbers
-alone (no NaN, shape or dtype difference) and no atol/rtol was given explicitly (an explicit bound is a
-fixed bound: :attr:`ToleranceTable.fixed_bound`). Each output and each probed fold output ``T`` is then
+**The float64 rule** (:class:`Float64Rule`), used when the table above fails a candidate on numbers
+alone (no NaN, shape or dtype difference), and always when an output or probe is float16/bfloat16 (the
+table's 1e-2 cannot tell a fold bug from rounding there), unless an atol/rtol was given explicitly (an
+explicit bound is a fixed bound: :attr:`ToleranceTable.fixed_bound`). Each output and each probed fold
+output ``T`` is then
 measured against the original evaluated in float64 (``t``), for the original float32 model (``o``) and
 the candidate (``c``), and the candidate passes ``T`` when every element satisfies
 
     ``|c - t| <= ratio · max|o - t| + atol + rtol · |t|``
 
-with ``ratio`` = :data:`FLOAT64_RATIO` and the floor ``atol``/``rtol`` of ``T``'s dtype from the table above:
+with ``ratio`` = :data:`FLOAT64_RATIO` and the floor ``atol``/``rtol`` of ``T``'s dtype from the table above
+(float16/bfloat16: ``rtol`` = the type's epsilon, no atol; :meth:`Float64Rule.floor`):
 the candidate may be at most ``ratio`` times as far from the truth as the original float32 model is, plus
 the floor that a well-conditioned tensor needs anyway. Measured on ill-conditioned zoo networks, a correct
 fold's distance is 0.4-1.6× the original's; the injected bugs of ``tests/validate`` are >= 100× at the fold
@@ -81,6 +84,17 @@ DEFAULT_TOLERANCES: Mapping[str, Tolerance] = MappingProxyType(
 FLOAT64_RATIO = 4.0
 
 
+#: Machine epsilon of the reduced-precision float types. For these the tolerance table cannot tell a fold bug
+#: from rounding (a 5 % wrong weight row fits fp16's 1e-2 + 1e-2·|ref|), so the float64 rule decides for
+#: every tensor of these types, even when the table passes, with a floor derived from the type itself.
+REDUCED_PRECISION_EPSILON: Mapping[str, float] = MappingProxyType({"float16": 2.0**-10, "bfloat16": 2.0**-7})
+
+
+def is_reduced_precision(dtype: str | None) -> bool:
+    """Whether ``dtype`` (numpy/ml_dtypes spelling) is float16 or bfloat16."""
+    return dtype in REDUCED_PRECISION_EPSILON
+
+
 @dataclasses.dataclass(frozen=True)
 class Float64Rule:
     """``|c - t| <= ratio · original_max_abs + floor.atol + floor.rtol · |t|`` (see the module docstring)."""
@@ -89,6 +103,18 @@ class Float64Rule:
 
     def __post_init__(self) -> None:
         _check_value(self.ratio, "ratio")
+
+    def floor(self, dtype: str, table: Tolerance) -> Tolerance:
+        """The floor for a tensor of element type ``dtype`` whose tolerance-table entry is ``table``.
+
+        float32/float64: the table's entry (the bound a well-conditioned tensor needs anyway). float16 and
+        bfloat16: ``rtol`` = the type's epsilon (one ulp of ``|t|``: what rounding the result to the type
+        alone may cost), no atol: the table's 1e-2/8e-2 would hide a wrong fold, and the ratio term already
+        holds the absolute error the original's own rounding makes.
+        """
+        if is_reduced_precision(dtype):
+            return Tolerance(atol=0.0, rtol=REDUCED_PRECISION_EPSILON[dtype])
+        return table
 
     def bound(self, floor: Tolerance, original_max_abs: float) -> Tolerance:
         """The elementwise tolerance the candidate's distance to the truth must meet."""

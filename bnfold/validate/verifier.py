@@ -4,11 +4,13 @@ Flow: load both models → check their interfaces → make input batches (genera
 original on the CPU (the reference) → per requested provider: run the candidate, measure every output, and
 (non-CPU) the original's own provider-vs-CPU difference as a noise floor, and the probed intermediate tensors
 (each fold's output: a wrong fold the rest of the network attenuates still shows there, and the first
-divergent one names the fold responsible) → judge under the tolerance table → on a mismatch of
-values alone (and no explicit atol/rtol), evaluate the original in float64 once
+divergent one names the fold responsible, with every fold that wrote the same layer) → judge under the
+tolerance table → on a mismatch of values alone, or whenever an output or probe is float16/bfloat16 (the
+table cannot tell a bug from rounding there), and no explicit atol/rtol, evaluate the original in float64 once
 (:mod:`bnfold.validate.float64_reference`) and measure the original's and the candidate's distance to it,
 for the outputs and the probes: the report is then judged by the float64 rule
-(:class:`~bnfold.validate.tolerances.Float64Rule`). When the plain comparison passes, nothing more runs.
+(:class:`~bnfold.validate.tolerances.Float64Rule`). When the plain comparison passes on float32/float64
+tensors, nothing more runs.
 
 ``timeout_s`` bounds the whole verification (checked between iterations: :class:`VerificationTimeout`);
 ``progress`` is called after every iteration of every stage, for the CLI to show.
@@ -115,14 +117,17 @@ def verify(
             wrong fold the network attenuates) and the first divergent one is named responsible. ``None`` (default)
             probes every BatchNormalization output of the original that the candidate also produces;
             ``{}`` probes nothing.
-        float64: after a mismatch of values alone, judge against the original evaluated in float64 (ignored
-            when atol/rtol are given: an explicit bound is fixed); ``float64_limits`` bounds that run.
+        float64: after a mismatch of values alone, and always for float16/bfloat16 outputs or probes, judge
+            against the original evaluated in float64 (ignored when atol/rtol are given: an explicit bound is
+            fixed); ``float64_limits`` bounds that run.
         timeout_s: give up (:class:`VerificationTimeout`) once this many seconds have passed.
         progress: ``progress(stage, done, total)`` after each iteration of each stage.
 
     Raises:
-        InvalidModelError: a model cannot be read or the original cannot be loaded by onnxruntime.
-        UsageError: bad options, inputs that cannot be generated or loaded, or the original fails to run.
+        InvalidModelError: a model cannot be read, or onnxruntime cannot load the original or run it on
+            floating inputs of the fixed shapes it declares.
+        UsageError: bad options, inputs that cannot be generated or loaded, or the original fails to run on
+            shapes or values that were chosen or given (a hint says how to give others).
         ProviderUnavailableError: ``require_provider`` and a provider is not really available.
         VerificationTimeout: ``timeout_s`` passed.
     """
@@ -150,7 +155,7 @@ def verify(
     if save_inputs is not None:
         input_batches.save_inputs(save_inputs, batches)
     problems = _interface_problems(reference_model, candidate_model)
-    reference_outputs = _run_reference(reference_model, batches, clock)
+    reference_outputs = _run_reference(reference_model, specs, batches, clock)
     truth = _Float64Truth(reference_model, batches, float64_limits, clock)
 
     runs: list[ProviderRun] = []
@@ -173,7 +178,11 @@ def verify(
             probed = None
             if probes and run.run_error is None:  # always: a bug the network attenuates still shows at its fold
                 run, probed = _with_probes(run, reference_model, candidate_model, batches, probes, cuda_tf32, clock)
-            if float64 and float64_applies(run, judge_run(run, table), table):
+            float32_verdict = judge_run(run, table)
+            decide_float64 = float64 and float64_applies(run, float32_verdict, table)
+            if probed is not None and (decide_float64 or float32_verdict.divergent):
+                run, probed = _with_fold_spans(run, probed, reference_model, candidate_model)
+            if decide_float64:
                 check = truth.check(reference_outputs, candidate_model, candidate_outputs, probed, provider, cuda_tf32)
                 run = dataclasses.replace(run, float64=check)
             runs.append(dataclasses.replace(run, elapsed_s=round(time.perf_counter() - provider_started, 4)))
@@ -259,7 +268,16 @@ def _interface_problems(reference: ModelSource, candidate: ModelSource) -> list[
     return problems
 
 
-def _run_reference(model: ModelSource, batches: Sequence[Batch], clock: _Clock) -> Outputs:
+def _run_reference(
+    model: ModelSource, specs: Sequence[input_batches.InputSpec], batches: Sequence[Batch], clock: _Clock
+) -> Outputs:
+    """The original's outputs on the CPU (the reference).
+
+    Its failures are the model's (:class:`InvalidModelError`, exit 3) when onnxruntime cannot create a session
+    for it, or when it fails on floating inputs of exactly the shapes it declares (every dim fixed): nothing
+    about such inputs can be wrong. Any other run failure may be the inputs' (a dynamic dim bnfold picked,
+    shapes or integer values given or generated): a :class:`UsageError` (exit 2) saying how to give others.
+    """
     try:
         session = make_session(model, CPU)
     except Exception as error:  # onnxruntime raises several exception types
@@ -272,12 +290,27 @@ def _run_reference(model: ModelSource, batches: Sequence[Batch], clock: _Clock) 
             raise
         except Exception as error:
             shapes = ", ".join(f"{name}{list(array.shape)}" for name, array in batch.items())
+            if _declared_inputs(specs, batch):
+                raise InvalidModelError(
+                    f"{model.label}: the original model fails in onnxruntime on floating inputs of the fixed "
+                    f"shapes it declares ({shapes}): {one_line(error)}"
+                ) from error
             raise UsageError(
                 f"the original model fails on the inputs of iteration {iteration} ({shapes}): {one_line(error)}; "
                 "give shapes with --input-shapes NAME:D0,D1,... or --dim NAME=SIZE, or inputs with --load-inputs"
             ) from error
         clock.tick("original (cpu)", iteration + 1, len(batches))
     return outputs
+
+
+def _declared_inputs(specs: Sequence[input_batches.InputSpec], batch: Batch) -> bool:
+    """Whether ``batch`` is floating inputs of exactly the fixed shapes the model declares (no dim was chosen)."""
+    for spec in specs:
+        array = batch.get(spec.name)
+        fixed = spec.dims is not None and all(isinstance(dim, int) for dim in spec.dims)
+        if array is None or array.dtype.kind != "f" or not fixed or tuple(array.shape) != tuple(spec.dims):
+            return False
+    return True
 
 
 def _measure_provider(
@@ -400,10 +433,30 @@ def _with_probes(
 
 @dataclasses.dataclass(frozen=True)
 class _Probed:
-    """The probed tensors that both models produce: ``names`` maps each to ``(label, order, element type)``.
-    (Their arrays are not kept: the float64 stage re-runs each fold on its own.)"""
+    """The probed tensors that both models produce: ``names`` maps each to ``(label, order, element type)``;
+    ``folds`` each to the folds that wrote its layers (:func:`_with_fold_spans`). (Their arrays are not kept:
+    the float64 stage re-runs each fold on its own.)"""
 
     names: Mapping[str, tuple[str, int, str]]
+    folds: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+
+def _with_fold_spans(
+    run: ProviderRun, probed: _Probed, reference_model: ModelSource, candidate_model: ModelSource
+) -> tuple[ProviderRun, _Probed]:
+    """Name, for each probe, every fold of the original between it and where its fold begins
+    (:func:`local_folds.folds_between`): a forward fold and a backward fold into one weight are measured at one
+    probe, and a divergence there must blame both. Done only when a probe may be blamed (a graph walk, but
+    comparing constants costs time on big models)."""
+    labels = {name: label for name, (label, _, _) in probed.names.items()}
+    shared = local_folds.shared_tensors(candidate_model, reference_model, probed.names)
+    folds = {}
+    for name in probed.names:
+        inputs = local_folds.fold_inputs(candidate_model, name, shared)
+        if inputs is not None:
+            folds[name] = local_folds.folds_between(reference_model, inputs, name, labels)
+    probes = tuple(dataclasses.replace(probe, folds=folds.get(probe.metrics.name, ())) for probe in run.probes)
+    return dataclasses.replace(run, probes=probes), dataclasses.replace(probed, folds=folds)
 
 
 class _Float64Truth:
@@ -518,7 +571,10 @@ class _Float64Truth:
                 whole_network.append(label)
                 continue
             original, candidate = measured
-            results.append(TruthMetrics(name, dtype, original, candidate, label=label, order=order, scope="fold"))
+            folds = probed.folds.get(name, ())
+            results.append(
+                TruthMetrics(name, dtype, original, candidate, label=label, order=order, scope="fold", folds=folds)
+            )
             self.clock.tick("float64 folds", done, total)
         note = None
         if whole_network:

@@ -34,7 +34,7 @@ def test_batch_folds_every_model_into_the_directory(models, tmp_path: Path, caps
     assert len(lines) == 4
     assert sorted(line.split(" ")[1] for line in lines[:3]) == sorted(map(str, models))
     assert any(f"{models[1]} → {out / 'b.onnx'}: 3/3 BN folded" in line for line in lines)
-    assert lines[3].startswith("total: 3/3 models folded, 0 failed, 9/9 BN folded, ")
+    assert lines[3].startswith("total: 3/3 models succeeded (3 with a BN folded), 0 failed, 9/9 BN folded, ")
     assert sorted(os.listdir(out)) == ["a.onnx", "b.onnx", "c.onnx", "c.onnx.data"]
     assert [len(load_model(out / name).graph) for name in ("a.onnx", "b.onnx", "c.onnx")] == [2, 3, 4]
 
@@ -54,7 +54,7 @@ def test_batch_reports_a_broken_model_and_folds_the_rest(models, tmp_path: Path,
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == ExitCode.INVALID_MODEL
     assert any(line.startswith(f"✗ {broken}: error: ") for line in lines)
-    assert lines[-1].startswith("total: 1/2 models folded, 1 failed, 2/2 BN folded, ")
+    assert lines[-1].startswith("total: 1/2 models succeeded (1 with a BN folded), 1 failed, 2/2 BN folded, ")
     assert sorted(os.listdir(out)) == ["a.onnx"]
 
 

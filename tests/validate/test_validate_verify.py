@@ -94,7 +94,10 @@ def test_difference_outside_the_folds_is_said_so(chain):
     (verdict,) = report.verdicts
     assert verdict.verdict is Verdict.FAILED
     assert verdict.responsible is None
-    assert "no probed fold diverges: the difference arises outside the folded tensors" in verdict.reasons
+    assert any(
+        reason.startswith("no probed fold diverges") and "arises outside the folded tensors" in reason
+        for reason in verdict.reasons
+    )
 
 
 def test_accepts_paths_protos_and_ir_models(tmp_path, chain):
