@@ -37,7 +37,11 @@ Preconditions (each failure is a named :class:`~bnfold.passes.reasons.SkipReason
 - the reshape is ``Reshape`` or ``Flatten`` of the default domain; its output feeds only the BN and is not a
   graph output, its input is produced by a layer with a rule (or an ``Add(c)`` after one), read only by the
   reshape (the driver's checks; ``Shape`` readers are allowed, the fold keeps every shape);
-- the rank of the reshape's input is known (``RANK_UNKNOWN``) and BN's input has rank >= 2;
+- the rank of the reshape's input is known (``RANK_UNKNOWN``) and BN's input has rank >= 2 — except for
+  ``MatMul → Flatten(axis=a ≥ 2)``: BN's axis 1 then holds ``∏ d[a:] = C`` channels and the MatMul's last axis
+  ``d[-1] = C`` (its weight's columns), so every axis in between has size 1 and channel ``c`` is the MatMul's
+  output feature ``c`` whatever the rank (TorchScript's LeViT below opset 14, where ``HardSigmoid · x`` stands for
+  HardSwish and shape inference loses the rank);
 - the channel is provably kept as above (``RESHAPE_MIXES_CHANNEL``); a stated channel size other than BN's
   ``C`` is ``PARAM_SHAPE_MISMATCH``;
 - an ``Add`` constant varies only along the layer's channel axis (``ADDED_CONSTANT_NOT_PER_CHANNEL``);
@@ -88,6 +92,10 @@ def match_channel_reshape(
     source = reshape.inputs[0] if reshape.inputs else None
     dims = constants.shape(source)
     if dims is None:
+        flatten_axis = _flatten_axis(reshape)
+        if layer.op_type == "MatMul" and flatten_axis is not None and flatten_axis >= 2:
+            # Any rank r > a: the rank a + 1 stands for it (the shift is a [C] vector on the last axis).
+            return ChannelReshape(reshape, flatten_axis + 1, flatten_axis)
         raise Skip(SkipReason.RANK_UNKNOWN, f"the rank of {reshape.op_type} {reshape.name!r}'s input is unknown")
     rank = len(dims)
     axis = layer_channel_axis(layer, rank)
@@ -114,6 +122,17 @@ def match_channel_reshape(
         f"{reshape.op_type} {reshape.name!r} does not provably keep axis {axis} of {layer.op_type}'s output "
         "as the channel axis 1",
     )
+
+
+def _flatten_axis(reshape: ir.Node) -> int | None:
+    """The non-negative ``axis`` of a ``Flatten`` (``None`` for a Reshape, a negative axis or a reference)."""
+    if reshape.op_type != "Flatten":
+        return None
+    attribute = reshape.attributes.get("axis")
+    if attribute is not None and attribute.is_ref():
+        return None
+    axis = 1 if attribute is None else int(attribute.as_int())
+    return axis if axis >= 0 else None
 
 
 def per_axis_vector(constant: np.ndarray, rank: int, axis: int, channels: int) -> np.ndarray:

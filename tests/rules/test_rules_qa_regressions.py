@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from onnx import helper
@@ -241,3 +242,45 @@ def test_shape_of_a_runtime_value_with_static_dimensions_is_constant(record):
 def test_shape_of_a_runtime_value_with_a_symbolic_dimension_is_not_constant():
     nodes = [helper.make_node("Shape", ["X"], ["out"], start=0, end=1)]
     assert evaluate_output(nodes, inputs=[io("X", F32, ["N", 5])]) is None
+
+
+# -- LeViT below opset 14: MatMul of unknown rank → Flatten(axis ≥ 2) → BN ------------------------------------
+
+
+def matmul_flatten_bn(*, flatten_axis: int, bias: bool):
+    """``Reshape(X, S) → MatMul(W [4, 6]) [→ Add(b)] → Flatten(axis) → BN(6)``: ``S`` is a runtime shape of
+    symbolic length, so neither the model nor shape inference knows the MatMul's rank."""
+    rng = np.random.default_rng(3)
+    arrays = {"W": rng.standard_normal((4, 6)).astype(F32), **bn_arrays(6, F32)}
+    nodes = [
+        helper.make_node("Reshape", ["X", "S"], ["r"], name="reshape"),
+        helper.make_node("MatMul", ["r", "W"], ["m"], name="matmul"),
+    ]
+    flatten_input = "m"
+    if bias:
+        arrays["b"] = rng.standard_normal(6).astype(F32)
+        nodes.append(helper.make_node("Add", ["m", "b"], ["mb"], name="add"))
+        flatten_input = "mb"
+    nodes += [
+        helper.make_node("Flatten", [flatten_input], ["f"], name="flatten", axis=flatten_axis),
+        bn_node("f", "Y"),
+    ]
+    inputs = [io("X", F32, [2, 5, 4]), helper.make_tensor_value_info("S", onnx.TensorProto.INT64, ["k"])]
+    return make_model(nodes, inputs, [io("Y", F32, ["n", 6])], arrays)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_folds_matmul_of_unknown_rank_through_flatten_axis_2(bias: bool) -> None:
+    original = matmul_flatten_bn(flatten_axis=2, bias=bias)
+    folded, report = fold_proto(original)
+    assert_folded(only_record(report), "matmul")
+    assert op_types(folded) == ["Reshape", "MatMul", "Add", "Flatten"]
+    x = np.random.default_rng(4).standard_normal((2, 5, 4)).astype(F32)
+    assert_equivalent(original, folded, feeds={"X": x, "S": np.array([2, 5, 4], dtype=np.int64)})
+
+
+def test_skips_when_flatten_axis_1_hides_the_rank() -> None:
+    # axis 1 on an input of unknown rank: the BN's axis 1 may be the MatMul's last axis or not — no proof.
+    folded, report = fold_proto(matmul_flatten_bn(flatten_axis=1, bias=False))
+    assert_skipped(only_record(report), SkipReason.RANK_UNKNOWN)
+    assert "BatchNormalization" in op_types(folded)
