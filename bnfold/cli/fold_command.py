@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-precision-loss",
         action="store_true",
-        help="fold even where the folded fp16/bf16 weights would round far worse than the original"
+        help="fold even where the folded weights would round far worse than the original in their dtype"
         " (FOLD_LOSES_PRECISION; see docs/rules.md, fp16 precision guard)",
     )
     parser.add_argument("--no-verify", action="store_true", help="do not verify the folded model")
