@@ -79,6 +79,10 @@ _busy = False
 def _on_signal(signal_number: int, frame: object) -> None:
     if not _busy:
         os._exit(128 + signal_number)
+    # Unwind once: a second signal (``kill -TERM -<group>`` reaches the worker directly, then the parent forwards
+    # one) must not interrupt the removal of the staged files.
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, signal.SIG_IGN)
     raise WorkerInterrupted(signal_number)
 
 
@@ -104,12 +108,22 @@ def _run_in_worker(job: FoldJob, options: FoldOptions, verify: VerifyOptions | N
         _busy = False
 
 
+# How long the parent waits for an interrupted worker to remove its staged files and exit.
+WORKER_STOP_SECONDS = 30.0
+
+
 def _stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Send SIGTERM to the pool's workers (they remove their staged files and exit)."""
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    """Send SIGTERM to the pool's workers and wait (at most ``WORKER_STOP_SECONDS``) until they have removed
+    their staged files and exited, so that nothing is left behind once this process exits."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             if process.is_alive():
                 process.terminate()
+    deadline = time.monotonic() + WORKER_STOP_SECONDS
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError, AttributeError, AssertionError):
+            process.join(max(0.0, deadline - time.monotonic()))
 
 
 def fold_jobs(
