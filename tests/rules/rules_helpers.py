@@ -68,6 +68,53 @@ def make_model(
     return model
 
 
+def layer_bn_model(
+    op_type: str,
+    weight_shape: tuple[int, ...],
+    *,
+    name: str,
+    in_channels: int,
+    out_channels: int,
+    size: int,
+    group: int = 1,
+    bias: bool = True,
+    dtype=np.float32,
+    weight: np.ndarray | None = None,
+    bias_values: np.ndarray | None = None,
+    bn_channels: int | None = None,
+    runtime: tuple[str, ...] = (),
+    attributes: dict | None = None,
+    check: bool = True,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """``X → op_type(W[, B]) → BN → Y`` for a Conv-like layer (node ``name``, output ``<name>_out``).
+
+    ``X`` is ``[2, in_channels, size, ...]`` with as many spatial axes as ``weight_shape`` has kernel axes.
+    Names in ``runtime`` (``"W"``, ``"B"``) become graph inputs instead of initializers. ``check=False`` builds a
+    model the ONNX checker would refuse (to test bnfold on bad input).
+    """
+    rng = np.random.default_rng(seed)
+    if weight is None:
+        weight = (rng.standard_normal(weight_shape) * 0.5).astype(dtype)
+    rank = weight.ndim - 2
+    arrays = {"W": weight, **bn_arrays(bn_channels or out_channels, dtype, seed=seed)}
+    node_inputs = ["X", "W"]
+    if bias:
+        arrays["B"] = rng.standard_normal(out_channels).astype(dtype) if bias_values is None else bias_values
+        node_inputs.append("B")
+    graph_inputs = [io("X", dtype, [2, in_channels, *(size,) * rank])]
+    for name in runtime:
+        array = arrays.pop(name)
+        graph_inputs.append(io(name, array.dtype, list(array.shape)))
+    node = helper.make_node(op_type, node_inputs, [f"{name}_out"], name=name, group=group, **(attributes or {}))
+    nodes = [node, bn_node(f"{name}_out", "Y")]
+    outputs = [io("Y", dtype, [None] * (rank + 2))]
+    if check:
+        return make_model(nodes, graph_inputs, outputs, arrays)
+    graph = helper.make_graph(nodes, "model", graph_inputs, outputs, [tensor(k, v) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
 def io(name: str, dtype, shape) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem_type(dtype), shape)
 

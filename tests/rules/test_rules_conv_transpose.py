@@ -15,14 +15,10 @@ from rules_helpers import (
     assert_equivalent,
     assert_folded,
     assert_skipped,
-    bn_arrays,
-    bn_node,
     fold_proto,
-    io,
-    make_model,
+    layer_bn_model,
     only_record,
     op_types,
-    tensor,
 )
 
 import bnfold
@@ -40,37 +36,22 @@ def conv_transpose_bn(
     out_channels: int = 6,
     group: int = 1,
     kernel: int = 3,
-    bias: bool = True,
-    dtype=np.float32,
-    weight: np.ndarray | None = None,
-    bias_values: np.ndarray | None = None,
-    bn_channels: int | None = None,
-    runtime: tuple[str, ...] = (),
     attributes: dict | None = None,
-    check: bool = True,
-    seed: int = 0,
+    **options,
 ) -> onnx.ModelProto:
-    """``X → ConvTranspose(W[, B]) → BN → Y``; W is ``[C_in, C_out/group, k...]``. ``runtime`` names become graph
-    inputs; ``check=False`` builds a model the ONNX checker would refuse."""
-    rng = np.random.default_rng(seed)
-    if weight is None:
-        weight = (rng.standard_normal((in_channels, out_channels // group) + (kernel,) * rank) * 0.5).astype(dtype)
-    arrays = {"W": weight, **bn_arrays(bn_channels or out_channels, dtype, seed=seed)}
-    node_inputs = ["X", "W"]
-    if bias:
-        arrays["B"] = rng.standard_normal(out_channels).astype(dtype) if bias_values is None else bias_values
-        node_inputs.append("B")
-    graph_inputs = [io("X", dtype, [2, in_channels, *(SIZE,) * rank])]
-    for name in runtime:
-        array = arrays.pop(name)
-        graph_inputs.append(io(name, array.dtype, list(array.shape)))
-    node = helper.make_node("ConvTranspose", node_inputs, ["ct_out"], name="ct", group=group, **(attributes or {}))
-    nodes = [node, bn_node("ct_out", "Y")]
-    outputs = [io("Y", dtype, [None] * (rank + 2))]
-    if check:
-        return make_model(nodes, graph_inputs, outputs, arrays)
-    graph = helper.make_graph(nodes, "model", graph_inputs, outputs, [tensor(k, v) for k, v in arrays.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    """``X → ConvTranspose(W[, B]) → BN → Y``; W is ``[C_in, C_out/group, k...]`` (see
+    :func:`rules_helpers.layer_bn_model`)."""
+    return layer_bn_model(
+        "ConvTranspose",
+        (in_channels, out_channels // group) + (kernel,) * rank,
+        name="ct",
+        in_channels=in_channels,
+        out_channels=out_channels,
+        size=SIZE,
+        group=group,
+        attributes=attributes,
+        **options,
+    )
 
 
 def assert_conv_transpose_fold(original: onnx.ModelProto, dtype=np.float32) -> onnx.ModelProto:
