@@ -50,6 +50,7 @@ from bnfold.passes.graph_edit import (
     add_after,
     bypass,
     bypass_batch_norm,
+    reads_only_metadata,
     remove_batch_norm_rewiring,
     replace_with_channel_affine,
 )
@@ -536,7 +537,7 @@ def _check_readers(value: ir.Value, reader: ir.Node, producer: ir.Node) -> None:
         raise Skip(SkipReason.NEIGHBOUR_IN_OTHER_GRAPH, f"{producer.op_type} {producer.name!r} is in an outer graph")
     if value.is_graph_output():
         raise Skip(SkipReason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"{value.name!r} is a graph output")
-    uses = [use for use in value.uses() if not forward_path.reads_only_metadata(use.node, use.idx)]  # kept by a fold
+    uses = [use for use in value.uses() if not reads_only_metadata(use.node, use.idx)]  # kept by a fold
     if len(uses) != 1 or uses[0].node is not reader:
         raise Skip(SkipReason.PRODUCER_OUTPUT_SHARED, f"{value.name!r} is also read by other nodes")
 

@@ -56,12 +56,12 @@ import onnx_ir as ir
 from bnfold.passes import reshape_flatten
 from bnfold.passes.affine import Affine
 from bnfold.passes.constants import ConstantResolver
+from bnfold.passes.graph_edit import reads_only_metadata
 from bnfold.passes.reasons import Skip, SkipReason
 from bnfold.passes.rule import int_attribute
 
 PASS_THROUGH_OPS = frozenset({"Identity", "Dropout", "Flatten", "Reshape", "GlobalAveragePool", "ReduceMean"})
 # Readers that see only a value's shape, which neither the BN nor the fold changes: they may read any path value.
-SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 
 @runtime_checkable
@@ -86,15 +86,6 @@ class ForwardPath:
 
 def is_pass_through(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx") and node.op_type in PASS_THROUGH_OPS
-
-
-def reads_only_metadata(node: ir.Node, index: int) -> bool:
-    """Whether ``node``, reading a value at input ``index``, sees only its shape (``Shape``, ``Size``) or element
-    type (``CastLike``'s input 1: raw dynamo's ``CastLike(1.0, conv_out)`` for a BN without affine parameters),
-    which a fold keeps."""
-    if node.domain not in ("", "ai.onnx"):
-        return False
-    return node.op_type in SHAPE_ONLY_OPS or (node.op_type == "CastLike" and index == 1)
 
 
 def data_readers(value: ir.Value) -> list[ir.Node]:

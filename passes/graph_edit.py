@@ -133,8 +133,8 @@ class TensorWriter:
     ) -> bool:
         """``value`` is an initializer of ``node``'s graph whose only *data* reader is input ``index`` of ``node``.
 
-        ``Shape``/``Size`` nodes read only the shape, so they do not count when the new tensor keeps the old
-        shape and dtype (torch's raw dynamo export reads ``Shape(W)`` to build a Conv's zero bias): the folded
+        Readers of the shape or type only (:func:`reads_only_metadata`) do not count when the new tensor keeps
+        the old shape and dtype (torch's raw dynamo export reads ``Shape(W)`` to build a Conv's zero bias): the folded
         weight then keeps its name.
         """
         if not value.is_initializer() or value.is_graph_output() or value.graph is not node.graph:
@@ -142,11 +142,11 @@ class TensorWriter:
         if value.is_graph_input() and not self._legacy_initializer_inputs:
             return False
         uses = [(use.node, use.idx) for use in value.uses()]
-        if not any(_reads_shape_only(reader) for reader, _ in uses):  # (the common case: no layout to compare)
+        if not any(reads_only_metadata(reader, idx) for reader, idx in uses):  # (common: no layout to compare)
             return uses == [(node, index)]
         old = value.const_value
         same_layout = old is not None and tuple(old.shape) == data.shape and old.dtype == dtype
-        readers = [(reader, idx) for reader, idx in uses if not (same_layout and _reads_shape_only(reader))]
+        readers = [(reader, idx) for reader, idx in uses if not (same_layout and reads_only_metadata(reader, idx))]
         return readers == [(node, index)]
 
     @staticmethod
@@ -195,8 +195,13 @@ class TensorWriter:
                 pending.extend(inputs)
 
 
-def _reads_shape_only(node: ir.Node) -> bool:
-    return node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx")
+def reads_only_metadata(node: ir.Node, index: int) -> bool:
+    """Whether ``node``, reading a value at input ``index``, sees only its shape (``Shape``, ``Size``) or element
+    type (``CastLike``'s input 1: raw dynamo's ``CastLike(1.0, conv_out)`` for a BN without affine parameters),
+    which a fold keeps."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    return node.op_type in ("Shape", "Size") or (node.op_type == "CastLike" and index == 1)
 
 
 def bypass(node: ir.Node, kept: ir.Value) -> None:
